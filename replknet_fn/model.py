@@ -1,0 +1,314 @@
+"""RepLKNet (Ding et al., "Scaling Up Your Kernels to 31x31", CVPR 2022), layer for layer as the official
+PyTorch `replknet.py`, so that official state dicts map onto it one key to one parameter.
+
+Layers are built by small functions (`conv_bn`, `conv_bn_relu`, `batch_norm`); blocks are cells whose
+`construct` reads like the paper's figure. Parameter names follow the official keys with MindSpore's BN names
+(gamma, beta, moving_mean, moving_variance); `convert.py` holds that mapping.
+"""
+import numpy as np
+from mindspore import nn, ops
+
+from replknet_fn import dwconv
+
+# Official `get_bn`: nn.BatchNorm2d defaults, eps 1e-5 and PyTorch momentum 0.1 (= MindSpore momentum 0.9).
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9
+
+
+def batch_norm(channels):
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+def conv2d(in_channels, out_channels, kernel_size, stride=1, groups=1, has_bias=False):
+    """A conv with the official "same" padding (kernel_size // 2), bias-free like the official `conv_bn`."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
+                     padding=kernel_size // 2, group=groups, has_bias=has_bias)
+
+
+class ConvBN(nn.Cell):
+    """Official `conv_bn` / `conv_bn_relu`: conv (no bias) -> BN [-> ReLU]. Names: `conv`, `bn`."""
+
+    def __init__(self, conv, channels, relu):
+        super().__init__()
+        self.conv = conv
+        self.bn = batch_norm(channels)
+        self.relu = nn.ReLU() if relu else None
+
+    def construct(self, x):
+        x = self.bn(self.conv(x))
+        if self.relu is not None:
+            x = self.relu(x)
+        return x
+
+
+def conv_bn(in_channels, out_channels, kernel_size, stride=1, groups=1):
+    return ConvBN(conv2d(in_channels, out_channels, kernel_size, stride, groups), out_channels, relu=False)
+
+
+def conv_bn_relu(in_channels, out_channels, kernel_size, stride=1, groups=1):
+    return ConvBN(conv2d(in_channels, out_channels, kernel_size, stride, groups), out_channels, relu=True)
+
+
+class DropPath(nn.Cell):
+    """Stochastic depth per sample (as timm's DropPath, which the official code uses)."""
+
+    def __init__(self, drop_prob):
+        super().__init__()
+        self.keep_prob = 1.0 - drop_prob
+
+    def construct(self, x):
+        if not self.training:
+            return x
+        mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = ops.floor(self.keep_prob + ops.rand(mask_shape, dtype=x.dtype))
+        return x / self.keep_prob * mask
+
+
+def drop_path_or_identity(drop_prob):
+    return DropPath(drop_prob) if drop_prob > 0.0 else nn.Identity()
+
+
+class ReparamLargeKernelConv(nn.Cell):
+    """Large depthwise K x K conv-BN plus a parallel small k x k conv-BN, summed (paper Sec. 3, guideline 3).
+
+    `reparam.py` replaces this cell by `DeployLargeKernelConv`, one biased conv holding both branches.
+    """
+
+    def __init__(self, channels, large_kernel_size, small_kernel_size, large_kernel_impl="native"):
+        super().__init__()
+        if small_kernel_size is not None and small_kernel_size > large_kernel_size:
+            raise ValueError(f"small_kernel ({small_kernel_size}) must not exceed the large kernel "
+                             f"({large_kernel_size})")
+        self.lkb_origin = ConvBN(dwconv.depthwise_conv(channels, large_kernel_size, large_kernel_impl),
+                                 channels, relu=False)
+        self.small_conv = (conv_bn(channels, channels, small_kernel_size, groups=channels)
+                           if small_kernel_size is not None else None)
+
+    def construct(self, x):
+        out = self.lkb_origin(x)
+        if self.small_conv is not None:
+            out = out + self.small_conv(x)
+        return out
+
+
+class RepLKBlock(nn.Cell):
+    """pre-BN -> 1x1 conv-BN-ReLU -> large depthwise conv -> ReLU -> 1x1 conv-BN -> drop path -> residual."""
+
+    def __init__(self, in_channels, dw_channels, large_kernel_size, small_kernel_size, drop_path_rate,
+                 large_kernel_impl="native"):
+        super().__init__()
+        self.prelkb_bn = batch_norm(in_channels)
+        self.pw1 = conv_bn_relu(in_channels, dw_channels, 1)
+        self.large_kernel = ReparamLargeKernelConv(dw_channels, large_kernel_size, small_kernel_size,
+                                                   large_kernel_impl)
+        self.lk_nonlinear = nn.ReLU()
+        self.pw2 = conv_bn(dw_channels, in_channels, 1)
+        self.drop_path = drop_path_or_identity(drop_path_rate)
+
+    def construct(self, x):
+        out = self.prelkb_bn(x)
+        out = self.pw1(out)
+        out = self.large_kernel(out)
+        out = self.lk_nonlinear(out)
+        out = self.pw2(out)
+        return x + self.drop_path(out)
+
+
+class ConvFFN(nn.Cell):
+    """pre-BN -> 1x1 conv-BN (expand) -> exact GELU -> 1x1 conv-BN -> drop path -> residual."""
+
+    def __init__(self, channels, internal_channels, drop_path_rate):
+        super().__init__()
+        self.preffn_bn = batch_norm(channels)
+        self.pw1 = conv_bn(channels, internal_channels, 1)
+        # The official model uses torch's exact erf GELU; MindSpore's default is the tanh approximation.
+        self.nonlinear = nn.GELU(approximate=False)
+        self.pw2 = conv_bn(internal_channels, channels, 1)
+        self.drop_path = drop_path_or_identity(drop_path_rate)
+
+    def construct(self, x):
+        out = self.preffn_bn(x)
+        out = self.pw1(out)
+        out = self.nonlinear(out)
+        out = self.pw2(out)
+        return x + self.drop_path(out)
+
+
+class RepLKNetStage(nn.Cell):
+    def __init__(self, channels, num_blocks, large_kernel_size, drop_path_rates, small_kernel_size, dw_ratio,
+                 ffn_ratio, norm_intermediate_features, recompute, large_kernel_impl):
+        super().__init__()
+        blocks = []
+        for rate in drop_path_rates[:num_blocks]:
+            # One drop-path rate is shared by each RepLK/FFN pair, as in the official stage.
+            blocks.append(RepLKBlock(channels, int(channels * dw_ratio), large_kernel_size, small_kernel_size,
+                                     rate, large_kernel_impl))
+            blocks.append(ConvFFN(channels, int(channels * ffn_ratio), rate))
+        if recompute:
+            for block in blocks:
+                block.recompute()
+        self.blocks = nn.CellList(blocks)
+        self.norm = batch_norm(channels) if norm_intermediate_features else nn.Identity()
+
+    def construct(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def transition(in_channels, out_channels):
+    return nn.SequentialCell([conv_bn_relu(in_channels, out_channels, 1),
+                              conv_bn_relu(out_channels, out_channels, 3, stride=2, groups=out_channels)])
+
+
+class GlobalAvgPool(nn.Cell):
+    """Mean over H and W (ONNX export rejects AdaptiveAvgPool2d)."""
+
+    def construct(self, x):
+        return x.mean(axis=(2, 3))
+
+
+class RepLKNet(nn.Cell):
+    def __init__(self, stem, stages, transitions, head_norm, head, out_indices):
+        super().__init__()
+        self.stem = stem
+        self.stages = stages
+        self.transitions = transitions
+        self.out_indices = tuple(out_indices) if out_indices is not None else None
+        self.norm = head_norm
+        self.avgpool = GlobalAvgPool() if head is not None else None
+        self.head = head
+
+    def forward_features(self, x):
+        for layer in self.stem:
+            x = layer(x)
+        num_stages = len(self.stages)
+        for stage_idx in range(num_stages):
+            x = self.stages[stage_idx](x)
+            if stage_idx < num_stages - 1:
+                x = self.transitions[stage_idx](x)
+        return x
+
+    def forward_stage_outputs(self, x):
+        """Per-stage features for `out_indices` (official: normalized by `stages[i].norm`)."""
+        for layer in self.stem:
+            x = layer(x)
+        outs = ()
+        num_stages = len(self.stages)
+        for stage_idx in range(num_stages):
+            x = self.stages[stage_idx](x)
+            if stage_idx in self.out_indices:
+                outs = outs + (self.stages[stage_idx].norm(x),)
+            if stage_idx < num_stages - 1:
+                x = self.transitions[stage_idx](x)
+        return outs
+
+    def construct(self, x):
+        if self.out_indices is not None:
+            return self.forward_stage_outputs(x)
+        x = self.forward_features(x)
+        if self.head is None:
+            return x
+        x = self.norm(x)
+        x = self.avgpool(x)
+        return self.head(x)
+
+
+def linspace(start, stop, num):
+    """torch.linspace values, rounded to float32 as the official `x.item()` of a float32 tensor."""
+    return [float(v) for v in np.linspace(start, stop, num, dtype=np.float32)]
+
+
+def sync_parameter_names(net):
+    """Give every parameter its full dotted path as its name (what checkpoints store). MindSpore names a
+    parameter when its cell is attached, so a cell swapped in later would otherwise keep a partial name."""
+    for name, param in net.parameters_and_names():
+        param.name = name
+
+
+def build_replknet(large_kernel_sizes, layers, channels, drop_path_rate=0.0, small_kernel=5, dw_ratio=1,
+                   ffn_ratio=4, in_channels=3, num_classes=1000, out_indices=None,
+                   norm_intermediate_features=False, recompute=False, large_kernel_impl="native"):
+    """Build a RepLKNet. Arguments are named as in the official constructor.
+
+    `small_kernel=None` drops the parallel small kernel (RepLKNet-XL). `num_classes=None` builds the backbone
+    without norm/pool/head. `out_indices` makes the network return a tuple of per-stage features.
+    `recompute` recomputes each block's activations in the backward pass (gradient checkpointing).
+    `large_kernel_impl` picks the large depthwise conv implementation (see `dwconv.py`).
+    """
+    if not (len(large_kernel_sizes) == len(layers) == len(channels)):
+        raise ValueError(f"large_kernel_sizes {list(large_kernel_sizes)}, layers {list(layers)} and channels "
+                         f"{list(channels)} must have one entry per stage")
+    if out_indices is not None:
+        bad = [i for i in out_indices if not 0 <= i < len(layers)]
+        if bad:
+            raise ValueError(f"out_indices {list(out_indices)}: {bad} not a stage index in 0..{len(layers) - 1}")
+    base_width = channels[0]
+    stem = nn.CellList([
+        conv_bn_relu(in_channels, base_width, 3, stride=2),
+        conv_bn_relu(base_width, base_width, 3, groups=base_width),
+        conv_bn_relu(base_width, base_width, 1),
+        conv_bn_relu(base_width, base_width, 3, stride=2, groups=base_width),
+    ])
+    # Drop-path rates rise linearly over all blocks, as in the official code (following Swin).
+    rates = linspace(0.0, drop_path_rate, sum(layers))
+    stages, transitions = [], []
+    for stage_idx, num_blocks in enumerate(layers):
+        first = sum(layers[:stage_idx])
+        stages.append(RepLKNetStage(channels[stage_idx], num_blocks, large_kernel_sizes[stage_idx],
+                                    rates[first:first + num_blocks], small_kernel, dw_ratio, ffn_ratio,
+                                    norm_intermediate_features, recompute, large_kernel_impl))
+        if stage_idx < len(layers) - 1:
+            transitions.append(transition(channels[stage_idx], channels[stage_idx + 1]))
+    if recompute:
+        for layer in list(stem)[1:]:
+            layer.recompute()
+    if num_classes is not None:
+        head_norm, head = batch_norm(channels[-1]), nn.Dense(channels[-1], num_classes)
+    else:
+        head_norm, head = None, None
+    net = RepLKNet(stem, nn.CellList(stages), nn.CellList(transitions), head_norm, head, out_indices)
+    sync_parameter_names(net)
+    # The arguments that built this network, so that `reparameterize` and checkpoints can rebuild it.
+    net.build_args = dict(large_kernel_sizes=list(large_kernel_sizes), layers=list(layers), channels=list(channels),
+                          drop_path_rate=drop_path_rate, small_kernel=small_kernel, dw_ratio=dw_ratio,
+                          ffn_ratio=ffn_ratio, in_channels=in_channels, num_classes=num_classes,
+                          out_indices=None if out_indices is None else list(out_indices),
+                          norm_intermediate_features=norm_intermediate_features, recompute=recompute,
+                          large_kernel_impl=large_kernel_impl)
+    return net
+
+
+def replknet31_base(drop_path_rate=0.3, num_classes=1000, **kwargs):
+    return build_replknet([31, 29, 27, 13], [2, 2, 18, 2], [128, 256, 512, 1024], drop_path_rate=drop_path_rate,
+                          small_kernel=5, num_classes=num_classes, **kwargs)
+
+
+def replknet31_large(drop_path_rate=0.3, num_classes=1000, **kwargs):
+    return build_replknet([31, 29, 27, 13], [2, 2, 18, 2], [192, 384, 768, 1536], drop_path_rate=drop_path_rate,
+                          small_kernel=5, num_classes=num_classes, **kwargs)
+
+
+def replknet_xlarge(drop_path_rate=0.3, num_classes=1000, **kwargs):
+    return build_replknet([27, 27, 27, 13], [2, 2, 18, 2], [256, 512, 1024, 2048], drop_path_rate=drop_path_rate,
+                          small_kernel=None, dw_ratio=1.5, num_classes=num_classes, **kwargs)
+
+
+def replknet_tiny(drop_path_rate=0.0, num_classes=10, **kwargs):
+    """Not in the paper: the official test fixture's shape, for demos and tests on a CPU."""
+    return build_replknet([13, 11, 9, 7], [1, 1, 2, 1], [16, 32, 64, 128], drop_path_rate=drop_path_rate,
+                          small_kernel=5, num_classes=num_classes, **kwargs)
+
+
+MODELS = {
+    "replknet_tiny": replknet_tiny,
+    "replknet31_base": replknet31_base,
+    "replknet31_large": replknet31_large,
+    "replknet_xlarge": replknet_xlarge,
+}
+
+
+def create_model(name, **kwargs):
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](**kwargs)
