@@ -1,0 +1,77 @@
+"""Our MindSpore checkpoints -> a network, checked parameter by parameter (used by the export and ERF tools).
+
+A checkpoint written by `mindspore.save_checkpoint(net, path)` may also hold optimizer state or metadata; those
+entries are not network parameters and are ignored. Every network parameter must be present with its shape.
+"""
+import mindspore as ms
+
+from replknet_fn.model import build_replknet, create_model
+from replknet_fn.reparam import reparameterize
+
+
+class CheckpointMismatch(ValueError):
+    pass
+
+
+def read_checkpoint(path):
+    """name -> Parameter (or str/number metadata), as `mindspore.load_checkpoint` returns it."""
+    return ms.load_checkpoint(str(path))
+
+
+def checkpoint_form(entries):
+    """'train' (lkb_origin + small_conv), 'reparam' (merged large kernels, as `reparameterize(net)`) or 'folded'
+    (every BN folded too, as `reparameterize(net, fold_all=True)`)."""
+    if not any(".lkb_reparam." in name for name in entries):
+        return "train"
+    return "folded" if "stem.0.conv.bias" in entries else "reparam"
+
+
+def load_checkpoint_into(net, checkpoint):
+    """Copy every parameter of `net` from `checkpoint` (a path or a `read_checkpoint` dict).
+
+    Raises `CheckpointMismatch` naming the first missing parameter or the first shape mismatch (both shapes);
+    nothing is copied then. Returns the checkpoint entries that are not parameters of `net`, which are ignored."""
+    entries = read_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
+    params = dict(net.parameters_and_names())
+    missing = [name for name in params if name not in entries]
+    if missing:
+        raise CheckpointMismatch(f"network parameter {missing[0]!r} is not in the checkpoint ({len(missing)} of "
+                                 f"{len(params)} missing); is it a checkpoint of another model or form?")
+    for name, param in params.items():
+        value = entries[name]
+        if not hasattr(value, "shape") or tuple(value.shape) != tuple(param.shape):
+            found = tuple(value.shape) if hasattr(value, "shape") else type(value).__name__
+            raise CheckpointMismatch(f"shape mismatch for {name!r}: checkpoint has {found}, "
+                                     f"network expects {tuple(param.shape)}")
+    for name, param in params.items():
+        param.set_data(ms.Tensor(entries[name].asnumpy(), param.dtype))
+    return [name for name in entries if name not in params]
+
+
+def build_network(model, num_classes=None, **overrides):
+    """`create_model(model)`, rebuilt with any `build_replknet` argument in `overrides` (e.g. other kernels)."""
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    net = create_model(model, **kwargs)
+    if overrides:
+        net = build_replknet(**dict(net.build_args, **overrides))
+    return net
+
+
+def network_from_checkpoint(model, checkpoint=None, num_classes=None, large_kernel_impl=None, **overrides):
+    """The network `model` in the checkpoint's form (training or deploy), with its weights, in eval mode.
+
+    `num_classes` defaults to the checkpoint's classifier size (none: a backbone). A deploy-form checkpoint
+    gives the deploy network, its large kernels built with `large_kernel_impl` (default: the model's)."""
+    entries = read_checkpoint(checkpoint) if checkpoint is not None else {}
+    if num_classes is None and "head.weight" in entries:
+        num_classes = int(entries["head.weight"].shape[0])
+    net = build_network(model, num_classes, **overrides)
+    if checkpoint is not None and "head.weight" not in entries and net.head is not None:
+        net = build_replknet(**dict(net.build_args, num_classes=None))
+    form = checkpoint_form(entries)
+    if form != "train":
+        net = reparameterize(net, fold_all=form == "folded", large_kernel_impl=large_kernel_impl)
+    if checkpoint is not None:
+        load_checkpoint_into(net, entries)
+    net.set_train(False)
+    return net
