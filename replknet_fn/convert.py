@@ -30,8 +30,9 @@ def official_key(our_name):
 
 
 def net_parameters(net):
-    """Every parameter of `net` (trainable or not) by name, in definition order."""
-    return OrderedDict(net.parameters_and_names())
+    """Every weight of `net` (trainable or BN statistic) by name, in definition order; not RNG state."""
+    from replknet_fn.model import is_rng_state
+    return OrderedDict((name, param) for name, param in net.parameters_and_names() if not is_rng_state(name))
 
 
 def unwrap_state_dict(state_dict, prefer="model"):

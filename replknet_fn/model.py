@@ -6,7 +6,8 @@ Layers are built by small functions (`conv_bn`, `conv_bn_relu`, `batch_norm`); b
 (gamma, beta, moving_mean, moving_variance); `convert.py` holds that mapping.
 """
 import numpy as np
-from mindspore import nn, ops
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
 
 from replknet_fn import dwconv
 
@@ -50,22 +51,54 @@ def conv_bn_relu(in_channels, out_channels, kernel_size, stride=1, groups=1):
 
 
 class DropPath(nn.Cell):
-    """Stochastic depth per sample (as timm's DropPath, which the official code uses)."""
+    """Stochastic depth per sample (timm's DropPath, which the official code uses), with resumable randomness.
 
-    def __init__(self, drop_prob):
+    MindSpore's random ops keep hidden per-op state that a checkpoint cannot restore (and that differs between
+    jit and eager), so the keep/drop decision is a hash of (`seed`, this cell's `index`, sample index). The
+    training loop sets `seed` for every step (`set_drop_path_seed`), which makes drop path identical eagerly and
+    jitted, and after a resume. `seed` is a network parameter only by necessity: it is not saved in weights.
+    """
+
+    def __init__(self, drop_prob, index):
         super().__init__()
         self.keep_prob = 1.0 - drop_prob
+        self.index = int(index)
+        self.seed = Parameter(Tensor(0, ms.int32), name="drop_path.seed", requires_grad=False)
 
     def construct(self, x):
         if not self.training:
             return x
-        mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        mask = ops.floor(self.keep_prob + ops.rand(mask_shape, dtype=x.dtype))
-        return x / self.keep_prob * mask
+        uniform = hash_uniform(self.seed, self.index, x.shape[0])
+        mask = ops.floor(self.keep_prob + uniform).astype(x.dtype)
+        return x / self.keep_prob * mask.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
 
 
-def drop_path_or_identity(drop_prob):
-    return DropPath(drop_prob) if drop_prob > 0.0 else nn.Identity()
+def hash_uniform(seed, stream, count):
+    """`count` numbers in [0, 1) from a stateless integer hash of (seed, stream, position); int32 arithmetic
+    wraps, identically in numpy, eager and jitted MindSpore."""
+    x = seed * 1000003 + stream * 7919 + ops.arange(count, dtype=ms.int32) * 104729
+    for _ in range(2):
+        x = ops.bitwise_xor(x, ops.floor_divide(x, 65536))
+        x = x * 73244475
+    x = ops.bitwise_xor(x, ops.floor_divide(x, 65536))
+    return ops.floor_mod(x, 16777216).astype(ms.float32) / 16777216.0
+
+
+def set_drop_path_seed(net, seed):
+    """Give every DropPath of `net` the seed of this step (see DropPath)."""
+    value = Tensor(int(seed) % (2 ** 31), ms.int32)
+    for _, cell in net.cells_and_names():
+        if isinstance(cell, DropPath):
+            cell.seed.set_data(value)
+
+
+def is_rng_state(name):
+    """Parameters that hold randomness state, not weights (left out of weights and official conversion)."""
+    return name.endswith("drop_path.seed")
+
+
+def drop_path_or_identity(drop_prob, index):
+    return DropPath(drop_prob, index) if drop_prob > 0.0 else nn.Identity()
 
 
 class ReparamLargeKernelConv(nn.Cell):
@@ -95,7 +128,7 @@ class RepLKBlock(nn.Cell):
     """pre-BN -> 1x1 conv-BN-ReLU -> large depthwise conv -> ReLU -> 1x1 conv-BN -> drop path -> residual."""
 
     def __init__(self, in_channels, dw_channels, large_kernel_size, small_kernel_size, drop_path_rate,
-                 large_kernel_impl="native"):
+                 large_kernel_impl="native", index=0):
         super().__init__()
         self.prelkb_bn = batch_norm(in_channels)
         self.pw1 = conv_bn_relu(in_channels, dw_channels, 1)
@@ -103,7 +136,7 @@ class RepLKBlock(nn.Cell):
                                                    large_kernel_impl)
         self.lk_nonlinear = nn.ReLU()
         self.pw2 = conv_bn(dw_channels, in_channels, 1)
-        self.drop_path = drop_path_or_identity(drop_path_rate)
+        self.drop_path = drop_path_or_identity(drop_path_rate, index)
 
     def construct(self, x):
         out = self.prelkb_bn(x)
@@ -117,14 +150,14 @@ class RepLKBlock(nn.Cell):
 class ConvFFN(nn.Cell):
     """pre-BN -> 1x1 conv-BN (expand) -> exact GELU -> 1x1 conv-BN -> drop path -> residual."""
 
-    def __init__(self, channels, internal_channels, drop_path_rate):
+    def __init__(self, channels, internal_channels, drop_path_rate, index=0):
         super().__init__()
         self.preffn_bn = batch_norm(channels)
         self.pw1 = conv_bn(channels, internal_channels, 1)
         # The official model uses torch's exact erf GELU; MindSpore's default is the tanh approximation.
         self.nonlinear = nn.GELU(approximate=False)
         self.pw2 = conv_bn(internal_channels, channels, 1)
-        self.drop_path = drop_path_or_identity(drop_path_rate)
+        self.drop_path = drop_path_or_identity(drop_path_rate, index)
 
     def construct(self, x):
         out = self.preffn_bn(x)
@@ -136,14 +169,15 @@ class ConvFFN(nn.Cell):
 
 class RepLKNetStage(nn.Cell):
     def __init__(self, channels, num_blocks, large_kernel_size, drop_path_rates, small_kernel_size, dw_ratio,
-                 ffn_ratio, norm_intermediate_features, recompute, large_kernel_impl):
+                 ffn_ratio, norm_intermediate_features, recompute, large_kernel_impl, first_index=0):
         super().__init__()
         blocks = []
-        for rate in drop_path_rates[:num_blocks]:
+        for pair, rate in enumerate(drop_path_rates[:num_blocks]):
             # One drop-path rate is shared by each RepLK/FFN pair, as in the official stage.
+            index = 2 * (first_index + pair)
             blocks.append(RepLKBlock(channels, int(channels * dw_ratio), large_kernel_size, small_kernel_size,
-                                     rate, large_kernel_impl))
-            blocks.append(ConvFFN(channels, int(channels * ffn_ratio), rate))
+                                     rate, large_kernel_impl, index))
+            blocks.append(ConvFFN(channels, int(channels * ffn_ratio), rate, index + 1))
         if recompute:
             for block in blocks:
                 block.recompute()
@@ -257,7 +291,7 @@ def build_replknet(large_kernel_sizes, layers, channels, drop_path_rate=0.0, sma
         first = sum(layers[:stage_idx])
         stages.append(RepLKNetStage(channels[stage_idx], num_blocks, large_kernel_sizes[stage_idx],
                                     rates[first:first + num_blocks], small_kernel, dw_ratio, ffn_ratio,
-                                    norm_intermediate_features, recompute, large_kernel_impl))
+                                    norm_intermediate_features, recompute, large_kernel_impl, first))
         if stage_idx < len(layers) - 1:
             transitions.append(transition(channels[stage_idx], channels[stage_idx + 1]))
     if recompute:

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REFERENCE, ROOT, relative_error
 from replknet_fn import replknet31_base, replknet_tiny
-from replknet_fn.convert import ConversionError, load_official_state_dict, read_torch_zip
+from replknet_fn.convert import ConversionError, load_official_state_dict, net_parameters, read_torch_zip
 from replknet_fn.reparam import reparameterize
 
 
@@ -34,7 +34,7 @@ def state_dict_31b():
 def test_every_official_31b_key_loads(net_31b, state_dict_31b):
     loaded = load_official_state_dict(net_31b, state_dict_31b)
     assert len(loaded) == len(state_dict_31b) - sum(k.endswith("num_batches_tracked") for k in state_dict_31b)
-    assert len(loaded) == len(list(net_31b.parameters_and_names()))
+    assert len(loaded) == len(net_parameters(net_31b))
     params = dict(net_31b.parameters_and_names())
     np.testing.assert_array_equal(params["stages.2.blocks.6.large_kernel.lkb_origin.bn.moving_variance"].asnumpy(),
                                   state_dict_31b["stages.2.blocks.6.large_kernel.lkb_origin.bn.running_var"])
@@ -44,7 +44,7 @@ def test_every_official_31b_key_loads(net_31b, state_dict_31b):
 def test_official_deploy_form_31b_keys_load_into_reparameterized_net():
     state_dict = synthesized_31b_state_dict("replknet31b_torch_reparam_state_dict_shapes.json")
     deploy_31b = reparameterize(replknet31_base())
-    assert len(load_official_state_dict(deploy_31b, state_dict)) == len(list(deploy_31b.parameters_and_names()))
+    assert len(load_official_state_dict(deploy_31b, state_dict)) == len(net_parameters(deploy_31b))
 
 
 def test_wrong_shape_is_named_with_both_shapes(net_31b, state_dict_31b):
