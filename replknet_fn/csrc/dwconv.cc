@@ -1,0 +1,265 @@
+// Depthwise convolution, stride 1, "same" padding (K // 2 on each side), odd K, float32 NCHW, on CPU.
+//
+// Three entry points with MindSpore's `ops.Custom(func_type="aot")` signature:
+//   dwconv_forward      (x, weight)          -> y       y = conv(x, weight)
+//   dwconv_input_grad   (dy, weight)         -> dx      dx = conv(dy, weight flipped in both axes)
+//   dwconv_weight_grad  (x, dy, weight_like) -> dweight dweight[i, j] = sum_{b, h, w} dy[h, w] x[h + i - p, w + j - p]
+//
+// Work is split over channels (OpenMP), so each channel's kernel is prepared once and reused over the batch, and
+// every output element is written by exactly one thread (results do not depend on the thread count). Output
+// columns are the SIMD dimension: one vector holds 16 neighbouring columns of one output row. Input rows are
+// copied into zero-padded rows, so every shifted load is in bounds and the padding contributes exact zeros; taps
+// whose rows or columns see only padding are skipped. The forward pass keeps a tile of R output rows x NV vectors
+// in registers and loads each shifted input vector once for all R rows; the weight gradient keeps a block of
+// kernel columns of one kernel row in registers and loads each output-gradient vector once for the whole block.
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 16;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef float UnalignedVec __attribute__((vector_size(kLanes * sizeof(float)), aligned(alignof(float)), may_alias));
+
+// Accumulator vectors a register tile may hold: AVX-512 has 32 vector registers of 16 floats; with AVX2 one Vec
+// takes two of sixteen registers. Exceeding the budget only costs speed (spills), never correctness.
+#if defined(__AVX512F__)
+constexpr int kAccumulators = 24;
+constexpr int kMaxVectorsPerTile = 4;
+#else
+constexpr int kAccumulators = 6;
+constexpr int kMaxVectorsPerTile = 2;
+#endif
+constexpr int kMaxWeightColumns = 16;
+
+inline Vec load(const float *address) { return *reinterpret_cast<const UnalignedVec *>(address); }
+
+inline float horizontal_sum(Vec v) {
+  float sum = 0.0f;
+  for (int lane = 0; lane < kLanes; ++lane) sum += v[lane];
+  return sum;
+}
+
+int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+struct Geometry {
+  int batch, channels, height, width, kernel, pad;
+  int vectors;       // ceil(width / kLanes): vectors per output row
+  int padded_width;  // row length of a zero-padded input row: column c of the map is at c + pad
+  Geometry(const int64_t *shape, int kernel_size)
+      : batch(shape[0]), channels(shape[1]), height(shape[2]), width(shape[3]), kernel(kernel_size),
+        pad(kernel_size / 2), vectors(ceil_div(width, kLanes)), padded_width(vectors * kLanes + kernel_size) {}
+  int64_t plane() const { return int64_t(height) * width; }
+};
+
+// Copies one H x W plane into rows of `row_length` floats starting at column `offset`; the rest of each row must
+// already be zero (it is never written).
+void copy_plane(const float *plane, const Geometry &g, int row_length, int offset, float *padded) {
+  for (int h = 0; h < g.height; ++h)
+    std::memcpy(padded + int64_t(h) * row_length + offset, plane + int64_t(h) * g.width, g.width * sizeof(float));
+}
+
+// One tile of R output rows starting at h0, NV vectors of columns starting at w0. `kernel_row0` points at kernel
+// row 0 of a copy with R - 1 zero rows above and below, so a tile row whose kernel row falls outside [0, K)
+// multiplies by zero instead of branching.
+template <int R, int NV>
+void forward_tile(const float *padded, const float *kernel_row0, const Geometry &g, int h0, int w0, int rows,
+                  float *out) {
+  Vec acc[R][NV] = {};
+  const int K = g.kernel, p = g.pad;
+  const int input_first = std::max(0, h0 - p), input_last = std::min(g.height - 1, h0 + R - 1 + p);
+  // Taps j whose shifted columns [w0 + j - p, w0 + j - p + NV * kLanes) overlap the map [0, W).
+  const int tap_first = std::max(0, p - w0 - NV * kLanes + 1), tap_last = std::min(K - 1, g.width - 1 - w0 + p);
+  for (int hi = input_first; hi <= input_last; ++hi) {
+    const float *row = padded + int64_t(hi) * g.padded_width + w0;
+    const float *weights = kernel_row0 + (hi - h0 + p) * K;  // kernel row of tile row 0; row r is r rows above
+    for (int j = tap_first; j <= tap_last; ++j) {
+      Vec x[NV];
+      for (int v = 0; v < NV; ++v) x[v] = load(row + j + v * kLanes);
+      for (int r = 0; r < R; ++r) {
+        const float weight = weights[j - r * K];
+        for (int v = 0; v < NV; ++v) acc[r][v] += weight * x[v];
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    float *out_row = out + int64_t(h0 + r) * g.width;
+    for (int v = 0; v < NV; ++v) {
+      const int column = w0 + v * kLanes, count = std::min(kLanes, g.width - column);
+      float lanes[kLanes];
+      std::memcpy(lanes, &acc[r][v], sizeof(lanes));
+      std::memcpy(out_row + column, lanes, count * sizeof(float));
+    }
+  }
+}
+
+using ForwardTile = void (*)(const float *, const float *, const Geometry &, int, int, int, float *);
+
+template <int NV, int... Rs>
+constexpr std::array<ForwardTile, sizeof...(Rs)> forward_tiles(std::integer_sequence<int, Rs...>) {
+  return {&forward_tile<Rs + 1, NV>...};
+}
+
+// forward_table[NV - 1][R - 1] for R * NV <= kAccumulators.
+const std::array<ForwardTile, kAccumulators> forward_table[4] = {
+    forward_tiles<1>(std::make_integer_sequence<int, kAccumulators>()),
+    [] {
+      std::array<ForwardTile, kAccumulators> t{};
+      auto f = forward_tiles<2>(std::make_integer_sequence<int, kAccumulators / 2>());
+      std::copy(f.begin(), f.end(), t.begin());
+      return t;
+    }(),
+    [] {
+      std::array<ForwardTile, kAccumulators> t{};
+      auto f = forward_tiles<3>(std::make_integer_sequence<int, kAccumulators / 3>());
+      std::copy(f.begin(), f.end(), t.begin());
+      return t;
+    }(),
+    [] {
+      std::array<ForwardTile, kAccumulators> t{};
+      auto f = forward_tiles<4>(std::make_integer_sequence<int, kAccumulators / 4>());
+      std::copy(f.begin(), f.end(), t.begin());
+      return t;
+    }(),
+};
+
+// out[b, c] = conv(in[b, c], kernel[c]) (kernel flipped in both axes when `flip`), for all b, c.
+void convolve(const float *in, const float *kernel, float *out, const Geometry &g, bool flip) {
+  const int K = g.kernel;
+  const int vectors_per_tile = std::min(g.vectors, kMaxVectorsPerTile);
+  const int column_blocks = ceil_div(g.vectors, vectors_per_tile);
+  const int row_tiles = ceil_div(g.height, kAccumulators / vectors_per_tile);
+  const int tile_rows = ceil_div(g.height, row_tiles);  // balanced tiles: the last one is at most this tall
+#pragma omp parallel
+  {
+    std::vector<float> padded(int64_t(g.height) * g.padded_width, 0.0f);
+    std::vector<float> kernel_copy(int64_t(K + 2 * (tile_rows - 1)) * K, 0.0f);
+    float *kernel_row0 = kernel_copy.data() + int64_t(tile_rows - 1) * K;
+#pragma omp for schedule(dynamic, 1)
+    for (int c = 0; c < g.channels; ++c) {
+      const float *k = kernel + int64_t(c) * K * K;
+      for (int i = 0; i < K; ++i)
+        for (int j = 0; j < K; ++j) kernel_row0[i * K + j] = flip ? k[(K - 1 - i) * K + (K - 1 - j)] : k[i * K + j];
+      for (int b = 0; b < g.batch; ++b) {
+        const int64_t offset = (int64_t(b) * g.channels + c) * g.plane();
+        copy_plane(in + offset, g, g.padded_width, g.pad, padded.data());
+        for (int block = 0; block < column_blocks; ++block) {
+          const int first_vector = block * vectors_per_tile;
+          const int nv = std::min(vectors_per_tile, g.vectors - first_vector);
+          for (int h0 = 0; h0 < g.height; h0 += tile_rows) {
+            const int rows = std::min(tile_rows, g.height - h0);
+            forward_table[nv - 1][rows - 1](padded.data(), kernel_row0, g, h0, first_vector * kLanes, rows,
+                                            out + offset);
+          }
+        }
+      }
+    }
+  }
+}
+
+// dweight[i, j0 .. j0 + JB) += sum over the batch, rows and columns of dy[h, w] * x[h + i - p, w + j - p].
+template <int JB>
+void weight_grad_block(const float *padded_x, const float *padded_dy, const Geometry &g, int i, int j0,
+                       float *dweight_row) {
+  Vec acc[JB] = {};
+  const int p = g.pad, dy_row_length = g.vectors * kLanes;
+  const int out_first = std::max(0, p - i), out_last = std::min(g.height - 1, g.height - 1 + p - i);
+  for (int b = 0; b < g.batch; ++b) {
+    const float *x = padded_x + int64_t(b) * g.height * g.padded_width;
+    const float *dy = padded_dy + int64_t(b) * g.height * dy_row_length;
+    for (int h = out_first; h <= out_last; ++h) {
+      const float *x_row = x + int64_t(h + i - p) * g.padded_width + j0;
+      const float *dy_row = dy + int64_t(h) * dy_row_length;
+      for (int v = 0; v < g.vectors; ++v) {
+        const Vec d = load(dy_row + v * kLanes);
+        for (int jj = 0; jj < JB; ++jj) acc[jj] += d * load(x_row + v * kLanes + jj);
+      }
+    }
+  }
+  for (int jj = 0; jj < JB; ++jj) dweight_row[j0 + jj] = horizontal_sum(acc[jj]);
+}
+
+using WeightGradBlock = void (*)(const float *, const float *, const Geometry &, int, int, float *);
+
+template <int... Js>
+constexpr std::array<WeightGradBlock, sizeof...(Js)> weight_grad_blocks(std::integer_sequence<int, Js...>) {
+  return {&weight_grad_block<Js + 1>...};
+}
+
+const auto weight_grad_table = weight_grad_blocks(std::make_integer_sequence<int, kMaxWeightColumns>());
+
+void weight_grad(const float *x, const float *dy, float *dweight, const Geometry &g) {
+  const int K = g.kernel, p = g.pad, dy_row_length = g.vectors * kLanes;
+  // Kernel rows/columns that see at least one real pixel; the others stay zero.
+  const int row_first = std::max(0, p - g.height + 1), row_last = std::min(K - 1, p + g.height - 1);
+  const int col_first = std::max(0, p - g.width + 1), col_last = std::min(K - 1, p + g.width - 1);
+  const int columns = col_last - col_first + 1;
+  const int blocks = ceil_div(columns, kMaxWeightColumns), block_width = ceil_div(columns, blocks);
+#pragma omp parallel
+  {
+    // The whole batch of one channel, zero-padded, so each accumulator sums over the batch before one reduction.
+    std::vector<float> padded_x(int64_t(g.batch) * g.height * g.padded_width, 0.0f);
+    std::vector<float> padded_dy(int64_t(g.batch) * g.height * dy_row_length, 0.0f);
+#pragma omp for schedule(dynamic, 1)
+    for (int c = 0; c < g.channels; ++c) {
+      for (int b = 0; b < g.batch; ++b) {
+        const int64_t offset = (int64_t(b) * g.channels + c) * g.plane();
+        copy_plane(x + offset, g, g.padded_width, p, padded_x.data() + int64_t(b) * g.height * g.padded_width);
+        copy_plane(dy + offset, g, dy_row_length, 0, padded_dy.data() + int64_t(b) * g.height * dy_row_length);
+      }
+      float *dw = dweight + int64_t(c) * K * K;
+      std::fill(dw, dw + K * K, 0.0f);
+      for (int i = row_first; i <= row_last; ++i)
+        for (int j0 = col_first; j0 <= col_last; j0 += block_width) {
+          const int width = std::min(block_width, col_last + 1 - j0);
+          weight_grad_table[width - 1](padded_x.data(), padded_dy.data(), g, i, j0, dw + i * K);
+        }
+    }
+  }
+}
+
+bool float32(const char *dtype) { return std::strcmp(dtype, "float32") == 0 || std::strcmp(dtype, "float") == 0; }
+
+// Checks the (B, C, H, W) tensor at `map`, the (C, 1, K, K) tensor at `kernel` and the same-shaped `others`.
+bool valid(int nparam, int expected, int *ndims, int64_t **shapes, const char **dtypes, int map, int kernel) {
+  if (nparam != expected) return false;
+  for (int n = 0; n < nparam; ++n)
+    if (ndims[n] != 4 || !float32(dtypes[n])) return false;
+  const int64_t *m = shapes[map], *k = shapes[kernel];
+  return k[0] == m[1] && k[1] == 1 && k[2] == k[3] && k[2] % 2 == 1;
+}
+
+}  // namespace
+
+extern "C" int dwconv_forward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *, void *) {
+  if (!valid(nparam, 3, ndims, shapes, dtypes, 0, 1)) return 1;
+  const Geometry g(shapes[0], int(shapes[1][2]));
+  convolve(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+           static_cast<float *>(params[2]), g, false);
+  return 0;
+}
+
+extern "C" int dwconv_input_grad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                 void *, void *) {
+  if (!valid(nparam, 3, ndims, shapes, dtypes, 0, 1)) return 1;
+  const Geometry g(shapes[0], int(shapes[1][2]));
+  convolve(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+           static_cast<float *>(params[2]), g, true);
+  return 0;
+}
+
+extern "C" int dwconv_weight_grad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                  void *, void *) {
+  if (!valid(nparam, 4, ndims, shapes, dtypes, 0, 2)) return 1;
+  const Geometry g(shapes[0], int(shapes[2][2]));
+  weight_grad(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+              static_cast<float *>(params[3]), g);
+  return 0;
+}
