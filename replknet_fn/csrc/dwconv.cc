@@ -32,13 +32,26 @@ typedef float UnalignedVec __attribute__((vector_size(kLanes * sizeof(float)), a
 #if defined(__AVX512F__)
 constexpr int kAccumulators = 24;
 constexpr int kMaxVectorsPerTile = 4;
+constexpr int kWeightTileRows = 4, kWeightTileColumns = 6;
 #else
 constexpr int kAccumulators = 6;
 constexpr int kMaxVectorsPerTile = 2;
+constexpr int kWeightTileRows = 2, kWeightTileColumns = 2;
 #endif
-constexpr int kMaxWeightColumns = 16;
+
+// Multiply-adds per thread below which another thread costs more than it saves (waking it, sharing the cores
+// with other processes).
+constexpr double kWorkPerThread = 4e6;
 
 inline Vec load(const float *address) { return *reinterpret_cast<const UnalignedVec *>(address); }
+
+// A load the compiler must keep in a register: otherwise it folds the load into each multiply-add that uses the
+// value, re-reading memory once per use and undoing the register blocking.
+inline Vec load_to_register(const float *address) {
+  Vec v = load(address);
+  asm("" : "+v"(v));
+  return v;
+}
 
 inline float horizontal_sum(Vec v) {
   float sum = 0.0f;
@@ -57,6 +70,13 @@ struct Geometry {
         pad(kernel_size / 2), vectors(ceil_div(width, kLanes)), padded_width(vectors * kLanes + kernel_size) {}
   int64_t plane() const { return int64_t(height) * width; }
 };
+
+// Threads for one call: about the multiply-adds of the taps that see real pixels, over kWorkPerThread.
+int threads_for(const Geometry &g) {
+  const double work = double(g.batch) * g.channels * g.height * g.width * std::min(g.kernel, g.height) *
+                      std::min(g.kernel, g.width);
+  return std::max(1, std::min({omp_get_max_threads(), g.channels, int(work / kWorkPerThread)}));
+}
 
 // Copies one H x W plane into rows of `row_length` floats starting at column `offset`; the rest of each row must
 // already be zero (it is never written).
@@ -136,7 +156,7 @@ void convolve(const float *in, const float *kernel, float *out, const Geometry &
   const int column_blocks = ceil_div(g.vectors, vectors_per_tile);
   const int row_tiles = ceil_div(g.height, kAccumulators / vectors_per_tile);
   const int tile_rows = ceil_div(g.height, row_tiles);  // balanced tiles: the last one is at most this tall
-#pragma omp parallel
+#pragma omp parallel num_threads(threads_for(g))
   {
     std::vector<float> padded(int64_t(g.height) * g.padded_width, 0.0f);
     std::vector<float> kernel_copy(int64_t(K + 2 * (tile_rows - 1)) * K, 0.0f);
@@ -163,62 +183,86 @@ void convolve(const float *in, const float *kernel, float *out, const Geometry &
   }
 }
 
-// dweight[i, j0 .. j0 + JB) += sum over the batch, rows and columns of dy[h, w] * x[h + i - p, w + j - p].
-template <int JB>
-void weight_grad_block(const float *padded_x, const float *padded_dy, const Geometry &g, int i, int j0,
-                       float *dweight_row) {
-  Vec acc[JB] = {};
+// dweight[i0 + ii, j0 + jj] = sum over the batch, rows and columns of dy[h, w] * x[h + i - p, w + j - p] for a tile
+// of IB kernel rows x JB kernel columns. Each input row is paired with the IB output-gradient rows it meets through
+// these kernel rows, so a loaded input vector serves IB accumulators and a loaded dy vector JB. `padded_dy` has
+// IB_max - 1 zero rows above and below each plane: pairs whose dy row falls outside the map multiply by zero.
+template <int IB, int JB>
+void weight_grad_tile(const float *padded_x, const float *padded_dy, const Geometry &g, int dy_margin, int i0,
+                      int j0, float *dweight) {
+  Vec acc[IB][JB] = {};
   const int p = g.pad, dy_row_length = g.vectors * kLanes;
-  const int out_first = std::max(0, p - i), out_last = std::min(g.height - 1, g.height - 1 + p - i);
+  const int64_t dy_plane = int64_t(g.height + 2 * dy_margin) * dy_row_length;
+  const int input_first = std::max(0, i0 - p), input_last = std::min(g.height - 1, g.height - 1 + i0 + IB - 1 - p);
   for (int b = 0; b < g.batch; ++b) {
     const float *x = padded_x + int64_t(b) * g.height * g.padded_width;
-    const float *dy = padded_dy + int64_t(b) * g.height * dy_row_length;
-    for (int h = out_first; h <= out_last; ++h) {
-      const float *x_row = x + int64_t(h + i - p) * g.padded_width + j0;
-      const float *dy_row = dy + int64_t(h) * dy_row_length;
+    const float *dy_row0 = padded_dy + b * dy_plane + int64_t(dy_margin) * dy_row_length;
+    for (int hi = input_first; hi <= input_last; ++hi) {
+      const float *x_row = x + int64_t(hi) * g.padded_width + j0;
+      const float *dy_row = dy_row0 + int64_t(hi - i0 + p) * dy_row_length;  // kernel row i0; i0 + ii is ii above
       for (int v = 0; v < g.vectors; ++v) {
-        const Vec d = load(dy_row + v * kLanes);
-        for (int jj = 0; jj < JB; ++jj) acc[jj] += d * load(x_row + v * kLanes + jj);
+        Vec d[IB];
+        for (int ii = 0; ii < IB; ++ii) d[ii] = load(dy_row - ii * dy_row_length + v * kLanes);
+        for (int jj = 0; jj < JB; ++jj) {
+          const Vec xv = load_to_register(x_row + v * kLanes + jj);
+          for (int ii = 0; ii < IB; ++ii) acc[ii][jj] += d[ii] * xv;
+        }
       }
     }
   }
-  for (int jj = 0; jj < JB; ++jj) dweight_row[j0 + jj] = horizontal_sum(acc[jj]);
+  for (int ii = 0; ii < IB; ++ii)
+    for (int jj = 0; jj < JB; ++jj) dweight[(i0 + ii) * g.kernel + j0 + jj] = horizontal_sum(acc[ii][jj]);
 }
 
-using WeightGradBlock = void (*)(const float *, const float *, const Geometry &, int, int, float *);
+using WeightGradTile = void (*)(const float *, const float *, const Geometry &, int, int, int, float *);
 
-template <int... Js>
-constexpr std::array<WeightGradBlock, sizeof...(Js)> weight_grad_blocks(std::integer_sequence<int, Js...>) {
-  return {&weight_grad_block<Js + 1>...};
+template <int IB, int... Js>
+constexpr std::array<WeightGradTile, sizeof...(Js)> weight_grad_tiles(std::integer_sequence<int, Js...>) {
+  return {&weight_grad_tile<IB, Js + 1>...};
 }
 
-const auto weight_grad_table = weight_grad_blocks(std::make_integer_sequence<int, kMaxWeightColumns>());
+// weight_grad_table[IB - 1][JB - 1]
+const std::array<WeightGradTile, kWeightTileColumns> weight_grad_table[kWeightTileRows] = {
+    weight_grad_tiles<1>(std::make_integer_sequence<int, kWeightTileColumns>()),
+#if defined(__AVX512F__)
+    weight_grad_tiles<2>(std::make_integer_sequence<int, kWeightTileColumns>()),
+    weight_grad_tiles<3>(std::make_integer_sequence<int, kWeightTileColumns>()),
+    weight_grad_tiles<4>(std::make_integer_sequence<int, kWeightTileColumns>()),
+#else
+    weight_grad_tiles<2>(std::make_integer_sequence<int, kWeightTileColumns>()),
+#endif
+};
+
+// Splits [first, last] into equal blocks of at most `most`: returns the block size.
+int balanced_block(int first, int last, int most) { return ceil_div(last - first + 1, ceil_div(last - first + 1, most)); }
 
 void weight_grad(const float *x, const float *dy, float *dweight, const Geometry &g) {
   const int K = g.kernel, p = g.pad, dy_row_length = g.vectors * kLanes;
   // Kernel rows/columns that see at least one real pixel; the others stay zero.
   const int row_first = std::max(0, p - g.height + 1), row_last = std::min(K - 1, p + g.height - 1);
   const int col_first = std::max(0, p - g.width + 1), col_last = std::min(K - 1, p + g.width - 1);
-  const int columns = col_last - col_first + 1;
-  const int blocks = ceil_div(columns, kMaxWeightColumns), block_width = ceil_div(columns, blocks);
-#pragma omp parallel
+  const int tile_rows = balanced_block(row_first, row_last, kWeightTileRows);
+  const int tile_columns = balanced_block(col_first, col_last, kWeightTileColumns);
+  const int dy_margin = tile_rows - 1;
+  const int64_t x_plane = int64_t(g.height) * g.padded_width;
+  const int64_t dy_plane = int64_t(g.height + 2 * dy_margin) * dy_row_length;
+#pragma omp parallel num_threads(threads_for(g))
   {
     // The whole batch of one channel, zero-padded, so each accumulator sums over the batch before one reduction.
-    std::vector<float> padded_x(int64_t(g.batch) * g.height * g.padded_width, 0.0f);
-    std::vector<float> padded_dy(int64_t(g.batch) * g.height * dy_row_length, 0.0f);
+    std::vector<float> padded_x(g.batch * x_plane, 0.0f), padded_dy(g.batch * dy_plane, 0.0f);
 #pragma omp for schedule(dynamic, 1)
     for (int c = 0; c < g.channels; ++c) {
       for (int b = 0; b < g.batch; ++b) {
         const int64_t offset = (int64_t(b) * g.channels + c) * g.plane();
-        copy_plane(x + offset, g, g.padded_width, p, padded_x.data() + int64_t(b) * g.height * g.padded_width);
-        copy_plane(dy + offset, g, dy_row_length, 0, padded_dy.data() + int64_t(b) * g.height * dy_row_length);
+        copy_plane(x + offset, g, g.padded_width, p, padded_x.data() + b * x_plane);
+        copy_plane(dy + offset, g, dy_row_length, 0, padded_dy.data() + b * dy_plane + dy_margin * dy_row_length);
       }
       float *dw = dweight + int64_t(c) * K * K;
       std::fill(dw, dw + K * K, 0.0f);
-      for (int i = row_first; i <= row_last; ++i)
-        for (int j0 = col_first; j0 <= col_last; j0 += block_width) {
-          const int width = std::min(block_width, col_last + 1 - j0);
-          weight_grad_table[width - 1](padded_x.data(), padded_dy.data(), g, i, j0, dw + i * K);
+      for (int i0 = row_first; i0 <= row_last; i0 += tile_rows)
+        for (int j0 = col_first; j0 <= col_last; j0 += tile_columns) {
+          const int rows = std::min(tile_rows, row_last + 1 - i0), columns = std::min(tile_columns, col_last + 1 - j0);
+          weight_grad_table[rows - 1][columns - 1](padded_x.data(), padded_dy.data(), g, dy_margin, i0, j0, dw);
         }
     }
   }
