@@ -352,12 +352,11 @@ def parse_rand_augment(config_str, interpolation="bicubic", fill=IMAGENET_MEAN_R
     options = {"ops": RAND_AUGMENT_OPS, "interpolation": _interpolation(interpolation), "fill": tuple(fill)}
     weighted = False
     for section in sections:
-        match = re.fullmatch(r"([a-z]+)([0-9.]+)", section)
-        key = match.group(1) if match else section
-        if key not in ("m", "n", "mstd", "mmax", "inc", "w", "p"):
+        match = re.fullmatch(r"(m|n|mstd|mmax|inc|w|p)([0-9]+\.?[0-9]*)", section)
+        if match is None:
             raise DataError(f"auto_augment {config_str!r}: unknown section {section!r}; valid: m<magnitude>, "
                             f"n<layers>, mstd<std>, mmax<max>, inc<0|1>, w<0>, p<prob>")
-        value = float(match.group(2))
+        key, value = match.group(1), float(match.group(2))
         if key == "m":
             options["magnitude"] = value
         elif key == "n":
@@ -500,6 +499,7 @@ class TrainSettings:
             problems.append(f"seed={self.seed} must be >= 0")
         if problems:
             raise DataError("bad data settings: " + "; ".join(problems))
+        self.rand_augment()  # raises for a bad auto_augment string
 
     def uses_rand_augment(self):
         return bool(self.auto_augment) and str(self.auto_augment).lower() != "none"
@@ -669,16 +669,17 @@ class _TrainEpoch:
         images = np.empty((settings.batch_size, 3, size, size), np.float32)
         labels = np.empty(settings.batch_size, np.int64)
         failures = []
-        for slot in range(settings.batch_size):
-            position = (batch_index * settings.batch_size + slot) * self.world_size + self.rank
-            image, labels[slot] = self._load_at(position, failures)
+        for row in range(settings.batch_size):
+            position = (batch_index * settings.batch_size + row) * self.world_size + self.rank  # train_positions
+            image, labels[row] = self._load_at(position, failures)
             rng = _generator(settings.seed, self.epoch, _SAMPLE, position)
-            images[slot] = train_transform(image, rng, settings, self.rand_augment)
+            images[row] = train_transform(image, rng, settings, self.rand_augment)
         batch_rng = _generator(settings.seed, self.epoch, _BATCH, batch_index * self.world_size + self.rank)
         return mix_batch(images, labels, self.num_classes, batch_rng, settings), failures
 
     def _load_at(self, position, failures):
-        """The sample at `position`, or the first one after it in the epoch's order that decodes."""
+        """The sample at `position`, or the first one after it in the epoch's order that decodes. Only the
+        position's own file counts as skipped; later candidates are counted at their own positions."""
         num_samples = len(self.order)
         for step in range(num_samples):
             path, label = self.samples[self.order[(position + step) % num_samples]]
@@ -710,16 +711,16 @@ class _EvalShard:
         labels = np.zeros(self.batch_size, np.int32)
         valid = np.zeros(self.batch_size, np.float32)
         failures = []
-        for slot, (path, label) in enumerate(self.samples[batch_index * self.batch_size:
-                                                          (batch_index + 1) * self.batch_size]):
-            labels[slot] = label
+        for row, (path, label) in enumerate(self.samples[batch_index * self.batch_size:
+                                                         (batch_index + 1) * self.batch_size]):
+            labels[row] = label
             try:
                 image = load_rgb(path)
             except DataError as error:
                 failures.append((path, str(error), True))
                 continue
-            images[slot] = eval_transform(image, size, self.crop_pct, self.interpolation)
-            valid[slot] = 1.0
+            images[row] = eval_transform(image, size, self.crop_pct, self.interpolation)
+            valid[row] = 1.0
         return (images, labels, valid), failures
 
 

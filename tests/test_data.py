@@ -316,6 +316,8 @@ def test_bad_settings_are_named():
         data.train_batches([("x", 0)] * 8, 1, recipe(hflip=1.5), epoch=0)
     with pytest.raises(DataError, match="interpolation='cubic'"):
         data.train_batches([("x", 0)] * 8, 1, recipe(interpolation="cubic"), epoch=0)
+    with pytest.raises(DataError, match="unknown section 'm'"):
+        data.train_batches([("x", 0)] * 8, 1, recipe(auto_augment="randaug-m-mstd0.5"), epoch=0)
     with pytest.raises(DataError, match="do not fill one batch"):
         data.train_batches([("x", 0)] * 3, 1, recipe(), epoch=0)
 
