@@ -48,26 +48,27 @@ def load_checkpoint_into(net, checkpoint):
     return [name for name in entries if name not in params]
 
 
-def build_network(model, num_classes=None, **overrides):
-    """`create_model(model)`, rebuilt with any `build_replknet` argument in `overrides` (e.g. other kernels)."""
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    net = create_model(model, **kwargs)
-    if overrides:
-        net = build_replknet(**dict(net.build_args, **overrides))
+def build_network(model, **overrides):
+    """`create_model(model)` with any `build_replknet` argument in `overrides` (num_classes, other kernels...)."""
+    net = create_model(model, **{key: value for key, value in overrides.items() if key == "num_classes"})
+    others = {key: value for key, value in overrides.items() if key != "num_classes"}
+    if others:
+        net = build_replknet(**dict(net.build_args, **others))
     return net
 
 
 def network_from_checkpoint(model, checkpoint=None, num_classes=None, large_kernel_impl=None, **overrides):
     """The network `model` in the checkpoint's form (training or deploy), with its weights, in eval mode.
 
-    `num_classes` defaults to the checkpoint's classifier size (none: a backbone). A deploy-form checkpoint
-    gives the deploy network, its large kernels built with `large_kernel_impl` (default: the model's)."""
+    `num_classes` defaults to the checkpoint's classifier size (no classifier: a backbone). A deploy-form
+    checkpoint gives the deploy network, its large kernels built with `large_kernel_impl` (default: the model's)."""
     entries = read_checkpoint(checkpoint) if checkpoint is not None else {}
-    if num_classes is None and "head.weight" in entries:
-        num_classes = int(entries["head.weight"].shape[0])
-    net = build_network(model, num_classes, **overrides)
-    if checkpoint is not None and "head.weight" not in entries and net.head is not None:
-        net = build_replknet(**dict(net.build_args, num_classes=None))
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    elif checkpoint is not None:
+        head = entries.get("head.weight")
+        overrides["num_classes"] = int(head.shape[0]) if head is not None else None
+    net = build_network(model, **overrides)
     form = checkpoint_form(entries)
     if form != "train":
         net = reparameterize(net, fold_all=form == "folded", large_kernel_impl=large_kernel_impl)

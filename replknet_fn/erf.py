@@ -23,6 +23,9 @@ import mindspore as ms
 from mindspore import nn, ops
 from PIL import Image, ImageDraw, ImageFont
 
+from replknet_fn.ckpt_io import CheckpointMismatch, network_from_checkpoint
+from replknet_fn.model import MODELS
+
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
 # timm's IMAGENET_DEFAULT_MEAN / _STD, which the official script normalizes with.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -231,8 +234,10 @@ def render_png(maps, path, titles=None):
 # ---- command line -------------------------------------------------------------------------------------------
 
 def model_erf(name, ckpt, overrides, files, args):
-    from replknet_fn.ckpt_io import network_from_checkpoint
-    net = network_from_checkpoint(name, ckpt, **overrides)
+    try:
+        net = network_from_checkpoint(name, ckpt, **overrides)
+    except CheckpointMismatch as error:
+        raise CheckpointMismatch(f"{ckpt}: {error}") from None
     label = name + "".join(f" {key}={value}" for key, value in overrides.items())
     print(f"{label}: {'weights from ' + ckpt if ckpt else 'untrained (random init)'}, "
           f"{args.num_images} images at {args.input_size}x{args.input_size}", flush=True)
@@ -256,8 +261,6 @@ def build_overrides(large_kernel_sizes, small_kernel):
 
 
 def main(argv=None):
-    from replknet_fn.ckpt_io import CheckpointMismatch
-    from replknet_fn.model import MODELS
     parser = argparse.ArgumentParser(description="Effective receptive field of a RepLKNet (official method).")
     parser.add_argument("--model", required=True, choices=sorted(MODELS))
     parser.add_argument("--ckpt", default=None, help="mindspore checkpoint (default: untrained weights)")
