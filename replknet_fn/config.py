@@ -1,0 +1,264 @@
+"""Configuration: defaults < YAML file (`--config`) < command line. YAML keys equal the command-line flags.
+
+Every key is declared once in `OPTIONS` with its default, a one-line help and, where it has one, the allowed
+values or range. Values from YAML and from the command line are checked the same way; an unknown key is an error
+that lists the closest valid keys.
+"""
+import argparse
+import difflib
+import math
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Option:
+    def __init__(self, default, help, choices=None, low=None, high=None, element=None):
+        self.default, self.help, self.choices, self.low, self.high = default, help, choices, low, high
+        # Type of list/tuple elements (tuples and lists keep their kind), or the scalar type.
+        self.element = element
+
+
+def _options():
+    o = Option
+    return {
+        # --- run -----------------------------------------------------------------------------------------
+        "config": o("", "YAML file with any of these keys (command-line flags override it)"),
+        "seed": o(42, "seed of data order, augmentation, initialization and drop path", low=0),
+        "jit": o(True, "compile the train/eval steps with mindspore.jit (False: eager, for debugging)"),
+        "device_target": o("CPU", "MindSpore device", choices=["CPU", "GPU", "Ascend"]),
+        "distribute": o(False, "data-parallel over the processes started by msrun or mpirun"),
+        "resume": o("", "checkpoint to continue from, or 'auto' for the newest valid one in ckpt_save_dir"),
+        "max_steps": o(0, "stop after this many optimizer steps in total (0: no limit; for tests and debugging)",
+                       low=0),
+        # --- data ----------------------------------------------------------------------------------------
+        "data_dir": o("", "folder with train/ and val/ class folders; empty: the built-in demo data"),
+        "demo_data_dir": o("./demo_data", "where the built-in demo data set is generated when data_dir is empty"),
+        "num_parallel_workers": o(2, "data loading processes (0: in the main process)", low=0),
+        "batch_size": o(64, "images per step per process", low=1),
+        "image_resize": o(224, "training crop and evaluation crop size", low=8),
+        "scale": o((0.08, 1.0), "RandomResizedCrop area range", element=float),
+        "ratio": o((0.75, 1.333), "RandomResizedCrop aspect-ratio range", element=float),
+        "interpolation": o("bicubic", "resize interpolation", choices=["bicubic", "bilinear", "nearest"]),
+        "hflip": o(0.5, "horizontal flip probability", low=0.0, high=1.0),
+        "auto_augment": o("randaug-m9-mstd0.5", "timm-style RandAugment spec, or '' for none"),
+        "color_jitter": o(0.4, "brightness/contrast/saturation jitter (skipped when auto_augment is set, "
+                               "as in timm)", low=0.0),
+        "re_prob": o(0.25, "random erasing probability", low=0.0, high=1.0),
+        "mixup": o(0.8, "mixup alpha (0: off)", low=0.0),
+        "cutmix": o(1.0, "cutmix alpha (0: off)", low=0.0),
+        "cutmix_prob": o(1.0, "probability that a batch is mixed at all (mixup or cutmix)", low=0.0, high=1.0),
+        "mixup_switch_prob": o(0.5, "probability of cutmix rather than mixup when both are on", low=0.0,
+                               high=1.0),
+        "label_smoothing": o(0.1, "label smoothing", low=0.0, high=1.0),
+        "crop_pct": o(0.875, "evaluation: resize to image_resize / crop_pct, then centre crop", low=0.01,
+                      high=1.0),
+        "scan_data": o(False, "decode every image before training and report the ones that fail"),
+        # --- model ---------------------------------------------------------------------------------------
+        "model": o("replknet31_base", "model name (see replknet_fn.MODELS)"),
+        "num_classes": o(1000, "classes (checked against the data set)", low=1),
+        "drop_path_rate": o(0.3, "stochastic depth rate of the last block", low=0.0, high=1.0),
+        "large_kernel_impl": o("native", "large depthwise conv implementation (see replknet_fn.dwconv)"),
+        "recompute": o(False, "recompute block activations in the backward pass (less memory)"),
+        "pretrained": o(False, "fine-tune from ckpt_path (ours or a converted official checkpoint)"),
+        "ckpt_path": o("", "weights to start from when pretrained is true"),
+        "ema": o(False, "keep an exponential moving average of the weights"),
+        "ema_decay": o(0.9999, "EMA decay per step", low=0.0, high=1.0),
+        # --- optimization --------------------------------------------------------------------------------
+        "epoch_size": o(300, "epochs", low=1),
+        "opt": o("adamw", "optimizer", choices=["adamw", "sgd", "momentum", "lion"]),
+        "lr": o(5e-4, "peak learning rate (for the global batch; see README on scaling)", low=0.0),
+        "min_lr": o(1e-6, "final learning rate of cosine decay", low=0.0),
+        "weight_decay": o(0.05, "decoupled weight decay", low=0.0),
+        "filter_bias_and_bn": o(True, "no weight decay for biases and BN parameters"),
+        "momentum": o(0.9, "SGD momentum", low=0.0, high=1.0),
+        "nesterov": o(False, "Nesterov momentum for SGD"),
+        "betas": o((0.9, 0.999), "AdamW / Lion betas", element=float),
+        "eps": o(1e-8, "AdamW epsilon", low=0.0),
+        "layer_decay": o(1.0, "layer-wise lr decay for fine-tuning (official: 0.7; 1.0: off)", low=0.0,
+                         high=1.0),
+        "scheduler": o("cosine_decay", "learning-rate schedule",
+                       choices=["cosine_decay", "constant", "step_decay", "multi_step_decay"]),
+        "warmup_epochs": o(20, "linear warmup epochs", low=0),
+        "warmup_factor": o(0.0, "warmup starts at lr * warmup_factor", low=0.0, high=1.0),
+        "decay_epochs": o(280, "epochs of cosine decay after warmup", low=0),
+        "decay_rate": o(0.1, "step/multistep: lr factor at each milestone", low=0.0),
+        "milestones": o([30, 60, 90], "multi_step_decay epochs; step_decay uses decay_epochs as its period",
+                        element=int),
+        "lr_epoch_stair": o(False, "keep the lr constant within an epoch"),
+        "amp_level": o("O0", "mixed precision (CPU: fp32 'O0' is fastest)", choices=["O0", "O1", "O2", "O3"]),
+        "loss_scale_type": o("dynamic", "loss scaling", choices=["dynamic", "static"]),
+        "loss_scale": o(65536.0, "initial (dynamic) or fixed (static) loss scale", low=1.0),
+        "loss_scale_factor": o(2.0, "dynamic: divide on overflow, multiply after loss_scale_window good steps",
+                               low=1.0),
+        "loss_scale_window": o(2000, "dynamic: finite steps before the scale grows", low=1),
+        "drop_overflow_update": o(True, "skip the optimizer on a step with non-finite gradients"),
+        "max_consecutive_skips": o(100, "stop the run after this many skipped steps in a row", low=1),
+        "clip_grad": o(True, "clip gradients by global norm"),
+        "clip_value": o(5.0, "global-norm clip threshold", low=0.0),
+        "accumulation_steps": o(1, "micro-batches per optimizer step", low=1),
+        # --- validation, checkpoints, logs ---------------------------------------------------------------
+        "val_while_train": o(True, "validate during training"),
+        "val_interval": o(1, "validate every this many epochs", low=1),
+        "ckpt_save_dir": o("./ckpt", "checkpoints, the resolved config and TensorBoard logs"),
+        "ckpt_save_policy": o("top_k", "which epoch checkpoints to keep", choices=["top_k", "latest_k"]),
+        "ckpt_save_steps": o(0, "also save the -last checkpoint every this many steps (0: at epoch ends only)",
+                             low=0),
+        "keep_checkpoint_max": o(10, "epoch checkpoints kept (plus best and last)", low=1),
+        "log_interval": o(10, "log every this many steps", low=1),
+        "tensorboard": o(True, "write TensorBoard scalars to ckpt_save_dir/tensorboard"),
+    }
+
+
+OPTIONS = _options()
+DEFAULTS = {key: option.default for key, option in OPTIONS.items()}
+
+
+class Config(dict):
+    """A dict whose keys are also attributes (config.lr)."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(unknown_key_message(key, "config")) from None
+
+    def __setattr__(self, key, value):
+        self[key] = value
+
+
+def unknown_key_message(key, where):
+    close = difflib.get_close_matches(key, OPTIONS, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(sorted(OPTIONS))}"
+    return f"unknown key {key!r} in {where}{hint}"
+
+
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+def coerce(key, value, where):
+    """Convert `value` (from YAML or a command-line string) to the type of the key's default, and check it."""
+    option = OPTIONS[key]
+    default = option.default
+    try:
+        if isinstance(default, bool):
+            value = _to_bool(value)
+        elif isinstance(default, (tuple, list)):
+            value = _to_sequence(value, option.element, type(default))
+        elif isinstance(default, float):
+            value = float(_scalar(value))
+        elif isinstance(default, int):
+            value = _to_int(_scalar(value))
+        elif isinstance(default, str):
+            value = "" if value is None else str(value)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}: bad value for {key!r}: {value!r} ({error})") from None
+    _check_range(key, value, option, where)
+    return value
+
+
+def _scalar(value):
+    return yaml.safe_load(value) if isinstance(value, str) else value
+
+
+def _to_bool(value):
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("expected true/false")
+
+
+def _to_int(value):
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError("expected an integer")
+    return int(value)
+
+
+def _to_sequence(value, element, kind):
+    """"0.08,1.0", "[0.08, 1.0]", ["0.08", "1.0"] (nargs) or a YAML list -> a tuple/list of `element`."""
+    if isinstance(value, str):
+        value = value.strip().strip("[]()").replace(",", " ").split()
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    convert = _to_int if element is int else element
+    return kind(convert(_scalar(item)) for item in value)
+
+
+def _check_range(key, value, option, where):
+    if option.choices is not None and value not in option.choices:
+        raise ConfigError(f"{where}: {key}={value!r} is not one of {option.choices}")
+    values = value if isinstance(value, (tuple, list)) else [value]
+    for item in values:
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{where}: {key}={value!r} must be finite")
+            if option.low is not None and item < option.low or option.high is not None and item > option.high:
+                bounds = f"[{option.low if option.low is not None else '-inf'}, " \
+                         f"{option.high if option.high is not None else 'inf'}]"
+                raise ConfigError(f"{where}: {key}={value!r} is outside the allowed range {bounds}")
+
+
+def load_yaml(path):
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values")
+    for key in data:
+        if key not in OPTIONS:
+            raise ConfigError(unknown_key_message(key, str(path)))
+    return {key: coerce(key, value, str(path)) for key, value in data.items()}
+
+
+def build_parser(description=None):
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for key, option in OPTIONS.items():
+        kwargs = {"nargs": "+"} if isinstance(option.default, (tuple, list)) else {}
+        parser.add_argument(f"--{key}", default=None, help=option.help, metavar=key.upper(), **kwargs)
+    return parser
+
+
+def parse_config(argv=None, default_config=None, description=None):
+    """Resolve the configuration from defaults, `--config` YAML (or `default_config`) and the command line."""
+    parser = build_parser(description)
+    args, unknown = parser.parse_known_args(argv)
+    for item in unknown:
+        if item.startswith("--"):
+            raise ConfigError(unknown_key_message(item[2:].split("=")[0], "the command line"))
+    if unknown:
+        raise ConfigError(f"unexpected command-line arguments {unknown}")
+    cli = {}
+    for key, value in vars(args).items():
+        if value is None:
+            continue
+        if isinstance(value, list) and not isinstance(OPTIONS[key].default, (tuple, list)):
+            value = value[0]
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        cli[key] = coerce(key, value, "the command line")
+    config = Config(DEFAULTS)
+    config_file = cli.get("config") or default_config
+    if config_file:
+        config.update(load_yaml(config_file))
+        config["config"] = str(config_file)
+    config.update(cli)
+    return config
+
+
+def save_config(config, path):
+    plain = {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
+    Path(path).write_text(yaml.safe_dump(plain, sort_keys=False))

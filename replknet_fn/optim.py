@@ -1,0 +1,136 @@
+"""Optimizers with torch semantics that take the learning rate as an input of every call.
+
+`optimizer(grads, lr)` updates the parameters in place. The lr comes from the schedule on the host each step
+(see schedule.py), so there is no hidden step counter to drift after skipped steps. Each parameter carries a
+weight decay and an lr scale (layer-wise decay), fixed at construction.
+"""
+import mindspore as ms
+from mindspore import nn, ops
+from mindspore.common.parameter import Parameter, ParameterTuple
+
+
+def decays_weight(name, param, filter_bias_and_bn):
+    """timm's rule: biases and BN/1-D parameters get no weight decay."""
+    return not (filter_bias_and_bn and (len(param.shape) <= 1 or name.endswith(".bias")))
+
+
+def layer_id(name, layers):
+    """Layer index for layer-wise lr decay (BEiT style): stem 0, each RepLK/FFN pair its own layer in order,
+    a transition with the pair that follows it, the head last."""
+    if name.startswith("stem."):
+        return 0
+    parts = name.split(".")
+    if parts[0] == "stages":
+        stage, index = int(parts[1]), int(parts[3]) if parts[2] == "blocks" else 0
+        return 1 + sum(layers[:stage]) + index // 2
+    if parts[0] == "transitions":
+        return 1 + sum(layers[:int(parts[1]) + 1])
+    return 1 + sum(layers)
+
+
+def parameter_groups(net, config):
+    """(params, weight_decays, lr_scales) for the trainable parameters of `net`."""
+    params = net.trainable_params()
+    decays = [config.weight_decay if decays_weight(p.name, p, config.filter_bias_and_bn) else 0.0 for p in params]
+    if config.layer_decay < 1.0:
+        layers = net.build_args["layers"]
+        num_layers = sum(layers) + 2
+        scales = [config.layer_decay ** (num_layers - 1 - layer_id(p.name, layers)) for p in params]
+    else:
+        scales = [1.0] * len(params)
+    return params, decays, scales
+
+
+class AdamW(nn.Cell):
+    """torch.optim.AdamW (decoupled decay, bias correction), through MindSpore's fused CPU kernel.
+
+    The fused `AdamWeightDecay` kernel computes p -= a * (m / (sqrt(v) + e) + d * p) without bias correction;
+    torch's update p -= lr * wd * p + lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps) is the same with
+    a = lr * sqrt(bc2) / bc1, e = eps * sqrt(bc2) and d = wd * bc1 / sqrt(bc2).
+    """
+
+    def __init__(self, params, weight_decays, lr_scales, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__()
+        self.parameters = ParameterTuple(params)
+        self.exp_avg = self.parameters.clone(prefix="adamw.exp_avg", init="zeros")
+        self.exp_avg_sq = self.parameters.clone(prefix="adamw.exp_avg_sq", init="zeros")
+        self.steps = Parameter(ms.Tensor(0, ms.int32), name="adamw.steps", requires_grad=False)
+        self.weight_decays = tuple(weight_decays)
+        self.lr_scales = tuple(lr_scales)
+        self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
+        self.fused_update = ops.AdamWeightDecay()
+
+    def construct(self, grads, lr):
+        steps = self.steps + 1
+        ops.assign(self.steps, steps)
+        count = steps.astype(ms.float32)
+        bias_correction1 = 1.0 - ops.pow(self.beta1, count)
+        root_bias_correction2 = ops.sqrt(1.0 - ops.pow(self.beta2, count))
+        step_size = lr * root_bias_correction2 / bias_correction1
+        eps = self.eps * root_bias_correction2
+        decay_factor = bias_correction1 / root_bias_correction2
+        for i in range(len(self.parameters)):
+            self.fused_update(self.parameters[i], self.exp_avg[i], self.exp_avg_sq[i], step_size * self.lr_scales[i],
+                              self.beta1, self.beta2, eps, self.weight_decays[i] * decay_factor, grads[i])
+        return steps
+
+
+class SGD(nn.Cell):
+    """torch.optim.SGD with momentum (optionally Nesterov) and coupled weight decay."""
+
+    def __init__(self, params, weight_decays, lr_scales, momentum=0.9, nesterov=False):
+        super().__init__()
+        self.parameters = ParameterTuple(params)
+        self.momentum_buffers = self.parameters.clone(prefix="sgd.momentum", init="zeros")
+        self.steps = Parameter(ms.Tensor(0, ms.int32), name="sgd.steps", requires_grad=False)
+        self.weight_decays, self.lr_scales = tuple(weight_decays), tuple(lr_scales)
+        self.momentum, self.nesterov = float(momentum), bool(nesterov)
+
+    def construct(self, grads, lr):
+        # torch initialises the buffer with the first gradient; from zeros, momentum * 0 + g is the same.
+        steps = self.steps + 1
+        ops.assign(self.steps, steps)
+        for i in range(len(self.parameters)):
+            param, buffer = self.parameters[i], self.momentum_buffers[i]
+            grad = grads[i] + self.weight_decays[i] * param
+            new_buffer = self.momentum * buffer + grad
+            ops.assign(buffer, new_buffer)
+            update = grad + self.momentum * new_buffer if self.nesterov else new_buffer
+            ops.assign(param, param - lr * self.lr_scales[i] * update)
+        return steps
+
+
+class Lion(nn.Cell):
+    """Lion (Chen et al. 2023): sign of an interpolated momentum, decoupled weight decay."""
+
+    def __init__(self, params, weight_decays, lr_scales, betas=(0.9, 0.99)):
+        super().__init__()
+        self.parameters = ParameterTuple(params)
+        self.exp_avg = self.parameters.clone(prefix="lion.exp_avg", init="zeros")
+        self.steps = Parameter(ms.Tensor(0, ms.int32), name="lion.steps", requires_grad=False)
+        self.weight_decays, self.lr_scales = tuple(weight_decays), tuple(lr_scales)
+        self.beta1, self.beta2 = float(betas[0]), float(betas[1])
+
+    def construct(self, grads, lr):
+        steps = self.steps + 1
+        ops.assign(self.steps, steps)
+        for i in range(len(self.parameters)):
+            param, exp_avg, grad = self.parameters[i], self.exp_avg[i], grads[i]
+            group_lr = lr * self.lr_scales[i]
+            update = ops.sign(self.beta1 * exp_avg + (1.0 - self.beta1) * grad)
+            ops.assign(param, param * (1.0 - group_lr * self.weight_decays[i]) - group_lr * update)
+            ops.assign(exp_avg, self.beta2 * exp_avg + (1.0 - self.beta2) * grad)
+        return steps
+
+
+def create_optimizer(net, config):
+    params, decays, scales = parameter_groups(net, config)
+    if config.opt == "adamw":
+        return AdamW(params, decays, scales, config.betas, config.eps)
+    if config.opt in ("sgd", "momentum"):
+        momentum = config.momentum if config.opt == "momentum" or config.momentum > 0 else 0.0
+        return SGD(params, decays, scales, momentum, config.nesterov)
+    if config.opt == "lion":
+        return Lion(params, decays, scales, config.betas)
+    raise ValueError(f"unknown optimizer {config.opt!r}")
+

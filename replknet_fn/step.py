@@ -1,0 +1,133 @@
+"""The training step as a pipeline of small named functions.
+
+    forward and loss -> scale -> gradients (accumulated over micro-batches) -> all-reduce -> unscale
+    -> global norm / finite check -> clip -> apply or skip -> update the loss scale -> update the EMA
+
+`make_train_step` composes them and compiles the result with `mindspore.jit` (or not, with `jit=False`: the
+same code runs eagerly, for a debugger). To change one stage, pass your own function for it, e.g.
+`make_train_step(..., clip=my_clip)`; each default below is a plain function you can read and copy.
+"""
+import mindspore as ms
+from mindspore import ops
+
+
+def soft_target_cross_entropy(logits, targets):
+    """Cross-entropy against soft targets (mixup/cutmix and label smoothing are already in `targets`)."""
+    log_probs = ops.log_softmax(logits.astype(ms.float32), axis=-1)
+    return ops.mean(ops.sum(-targets * log_probs, -1))
+
+
+def make_scaled_forward(net, loss_fn):
+    """forward(images, targets, scale) -> (scaled loss, loss, logits); gradients flow from the first output."""
+
+    def forward(images, targets, scale):
+        logits = net(images)
+        loss = loss_fn(logits, targets)
+        return loss * scale, loss, logits
+
+    return forward
+
+
+def compute_gradients(grad_fn, images, targets, scale, accumulation_steps):
+    """Mean loss and mean (still scaled) gradients over `accumulation_steps` equal micro-batches."""
+    if accumulation_steps == 1:
+        (_, loss, _), grads = grad_fn(images, targets, scale)
+        return loss, grads
+    micro = images.shape[0] // accumulation_steps
+    (_, total_loss, _), total_grads = grad_fn(images[:micro], targets[:micro], scale)
+    for i in range(1, accumulation_steps):
+        (_, loss, _), grads = grad_fn(images[i * micro:(i + 1) * micro], targets[i * micro:(i + 1) * micro], scale)
+        total_loss = total_loss + loss
+        total_grads = tuple(a + b for a, b in zip(total_grads, grads))
+    return total_loss / accumulation_steps, tuple(g / accumulation_steps for g in total_grads)
+
+
+def no_all_reduce(grads):
+    """One process: nothing to communicate. `dist.make_gradient_mean` is the multi-process hook."""
+    return grads
+
+
+def unscale(grads, scale):
+    inverse = 1.0 / scale
+    return tuple(g * inverse for g in grads)
+
+
+def global_norm(grads):
+    """sqrt of the sum of squares of every gradient. Non-finite iff some gradient is (or the sum overflows,
+    which is treated the same). Hand-written: ~16x faster than ops.clip_by_global_norm on CPU."""
+    squares = [ops.sum(g * g) for g in grads]
+    return ops.sqrt(ops.addn(squares))
+
+
+def clip_by_global_norm(grads, norm, clip_value):
+    """torch.nn.utils.clip_grad_norm_: scale by clip_value / (norm + 1e-6) when that is below 1."""
+    factor = ops.minimum(clip_value / (norm + 1e-6), 1.0)
+    return tuple(g * factor for g in grads)
+
+
+def apply_or_skip(optimizer, grads, lr, finite, drop_overflow_update):
+    """Run the optimizer, unless the gradients are non-finite and such updates are dropped. Returns whether
+    it ran; the caller must use that value, or graph compilation prunes the update as dead code."""
+    if drop_overflow_update:
+        if finite:
+            return ops.depend(ops.ones_like(finite), optimizer(grads, lr))
+        return ops.zeros_like(finite)
+    return ops.depend(ops.ones_like(finite), optimizer(grads, lr))
+
+
+def update_loss_scale(loss_scale, finite):
+    """Dynamic scaling: divide by `factor` (not below 1) on a non-finite step; multiply after `window` finite
+    steps in a row. Returns the new scale."""
+    if not loss_scale.dynamic:
+        return loss_scale.value
+    good_steps = ops.select(finite, loss_scale.good_steps + 1, ops.zeros_like(loss_scale.good_steps))
+    grow = good_steps >= loss_scale.window
+    scale = loss_scale.value
+    new_scale = ops.select(finite, ops.select(grow, scale * loss_scale.factor, scale),
+                           ops.maximum(scale / loss_scale.factor, 1.0))
+    ops.assign(loss_scale.good_steps, ops.select(grow, ops.zeros_like(good_steps), good_steps))
+    ops.assign(loss_scale.value, new_scale)
+    return new_scale
+
+
+def update_ema(ema, applied):
+    """average <- decay * average + (1 - decay) * weight, after each applied update."""
+    if applied:
+        for i in range(len(ema.averages)):
+            ops.assign(ema.averages[i], ema.decay * ema.averages[i] + (1.0 - ema.decay) * ema.sources[i])
+        return applied
+    return applied
+
+
+def make_train_step(state, config, all_reduce=no_all_reduce, loss_fn=soft_target_cross_entropy,
+                    gradients=compute_gradients, clip=clip_by_global_norm, apply=apply_or_skip,
+                    scale_update=update_loss_scale, ema_update=update_ema, net=None):
+    """Return `train_step(images, targets, lr) -> (loss, grad_norm, finite, loss_scale)`.
+
+    `images`/`targets` hold `accumulation_steps` micro-batches; `lr` is a float32 scalar Tensor from the
+    schedule. Every stage can be replaced by passing a function with the same signature. `net` is the network
+    to differentiate if not `state.net` itself (e.g. `state.net` wrapped by MindSpore AMP)."""
+    net = state.net if net is None else net
+    optimizer, loss_scale, ema = state.optimizer, state.loss_scale, state.ema
+    grad_fn = ms.value_and_grad(make_scaled_forward(net, loss_fn), None, optimizer.parameters, has_aux=True)
+    accumulation_steps, drop_overflow_update = config.accumulation_steps, config.drop_overflow_update
+    clip_grad, clip_value = config.clip_grad, float(config.clip_value)
+
+    def train_step(images, targets, lr):
+        scale = loss_scale.value
+        loss, grads = gradients(grad_fn, images, targets, scale, accumulation_steps)
+        grads = all_reduce(grads)
+        grads = unscale(grads, scale)
+        norm = global_norm(grads)
+        finite = ops.isfinite(norm)
+        if clip_grad:
+            grads = clip(grads, norm, clip_value)
+        applied = apply(optimizer, grads, lr, finite, drop_overflow_update)
+        new_scale = scale_update(loss_scale, finite)
+        if ema is not None:
+            applied = ema_update(ema, applied)
+        # Tie the update into the outputs: jit drops side effects that no output depends on.
+        return ops.depend(loss, applied), norm, finite, new_scale
+
+    return ms.jit(train_step) if config.jit else train_step
+
