@@ -1,10 +1,14 @@
 """Speed against the native MindSpore convolution, both measured in the same run.
 
     python -m replknet_fn.bench dwconv [--batch_size 8] [--repeat 3] [--impls direct auto] [--shape 31,56,128]
+    python -m replknet_fn.bench step [--model replknet31_base] [--image_size 224] [--batch_size 4] [--repeat 3]
+                                     [--large_kernel_impl auto]
 
 `dwconv` times the large depthwise conv alone, forward and forward+backward (input and weight gradients), jitted,
-at the RepLKNet-31B stage shapes (kernel, map size, channels at 224 input) or at the `--shape`s given. Every
-subcommand prints a table and then ONE JSON line with the median times (seconds) and the ratios native / impl.
+at the RepLKNet-31B stage shapes (kernel, map size, channels at 224 input) or at the `--shape`s given. `step`
+times a whole jitted training step (forward, cross-entropy, gradients, AdamW update) and the deploy network's
+inference (`reparameterize`), with the model's large kernels computed by each implementation. Every subcommand
+prints a table and then ONE JSON line with the median times (seconds) and the ratios native / impl.
 
 The machine is shared and noisy: repetitions of all implementations are interleaved, so a slow spell hits them
 alike, and medians are reported. Add a benchmark as a function `run_<name>(args)` plus an `add_<name>_parser`
@@ -19,6 +23,8 @@ import numpy as np
 import mindspore as ms
 
 from replknet_fn import dwconv
+from replknet_fn.model import MODELS, create_model
+from replknet_fn.reparam import reparameterize
 
 # (kernel size, map height = width, channels) of RepLKNet-31B's four stages at 224x224 input.
 STAGE_SHAPES = ((31, 56, 128), (29, 28, 256), (27, 14, 512), (13, 7, 1024))
@@ -128,10 +134,84 @@ def add_dwconv_parser(subparsers):
     parser.set_defaults(run=run_dwconv)
 
 
+def step_functions(impl, args):
+    """A jitted train step and a jitted deploy forward of `args.model` using `impl`, as no-argument callables."""
+    rng = np.random.default_rng(0)
+    images = ms.Tensor(rng.standard_normal((args.batch_size, 3, args.image_size, args.image_size)).astype(np.float32))
+    net = create_model(args.model, large_kernel_impl=impl)
+    labels = ms.Tensor(rng.integers(0, net.head.weight.shape[0], args.batch_size).astype(np.int32))
+    net.set_train(True)
+    params = net.trainable_params()
+    # The official recipe's optimizer (AdamW); its cost does not depend on the conv implementation.
+    optimizer = ms.nn.AdamWeightDecay(params, learning_rate=1e-4, weight_decay=0.05)
+
+    def loss_fn(images, labels):
+        return ms.ops.cross_entropy(net(images), labels)
+
+    grad_fn = ms.value_and_grad(loss_fn, None, params)
+
+    @ms.jit
+    def train_step(images, labels):
+        loss, grads = grad_fn(images, labels)
+        optimizer(grads)
+        return loss
+
+    deploy = reparameterize(net)
+
+    @ms.jit
+    def deploy_forward(images):
+        return deploy(images)
+
+    def run_train_step():
+        return train_step(images, labels)
+
+    def run_deploy():
+        return deploy_forward(images)
+
+    return {"train_step": run_train_step, "deploy_inference": run_deploy}
+
+
+def run_step(args):
+    impls = ["native"] + [impl for impl in args.large_kernel_impl if impl != "native"]
+    functions = {}
+    for impl in impls:
+        for mode, function in step_functions(impl, args).items():
+            functions[(impl, mode)] = function
+    medians = interleaved_medians(functions, args.repeat)
+    modes = ("train_step", "deploy_inference")
+    result = {"bench": "step", "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
+              "repeat": args.repeat,
+              "seconds": {impl: {mode: medians[(impl, mode)] for mode in modes} for impl in impls},
+              "speedup": {impl: {mode: medians[("native", mode)] / medians[(impl, mode)] for mode in modes}
+                          for impl in impls[1:]}}
+    print(f"{args.model} @{args.image_size}, batch {args.batch_size}: median seconds (speedup vs native)")
+    print(f"{'large_kernel_impl':<20}{'train step':>22}{'deploy inference':>22}")
+    for impl in impls:
+        cells = []
+        for mode in modes:
+            ratio = f" ({result['speedup'][impl][mode]:.1f}x)" if impl != "native" else ""
+            cells.append(f"{result['seconds'][impl][mode]:.2f}{ratio}")
+        print(f"{impl:<20}" + "".join(f"{cell:>22}" for cell in cells))
+    print(json.dumps(result))
+
+
+def add_step_parser(subparsers):
+    parser = subparsers.add_parser("step", help="a whole training step and deploy inference, per implementation")
+    parser.add_argument("--model", default="replknet31_base", choices=sorted(MODELS))
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median reported)")
+    parser.add_argument("--large_kernel_impl", nargs="+", default=["auto"],
+                        choices=[impl for impl in dwconv.IMPLEMENTATIONS if impl != "native"],
+                        help="implementations compared with native")
+    parser.set_defaults(run=run_step)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m replknet_fn.bench", description=__doc__.split("\n\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_dwconv_parser(subparsers)
+    add_step_parser(subparsers)
     return parser
 
 

@@ -20,6 +20,7 @@ SHAPES = [
     (1, 2, 4, 5, 31),
     (2, 4, 14, 14, 27),
     (2, 2, 40, 21, 11),
+    (2, 3, 5, 4, 1),
 ]
 
 
@@ -116,8 +117,18 @@ def test_auto_uses_the_direct_kernel_at_the_replknet_31b_stage_shapes():
         assert dwconv.direct_is_faster(8, channels, size, size, kernel_size)
 
 
-def test_auto_keeps_native_for_small_kernels():
-    assert not dwconv.direct_is_faster(8, 64, 28, 28, 3)
+def test_auto_keeps_native_where_it_was_measured_faster():
+    assert not dwconv.direct_is_faster(8, 128, 56, 56, 1)
+    assert dwconv.direct_is_faster(1, 64, 2, 2, 3)
+
+
+def test_auto_runs_native_without_touching_the_direct_kernel():
+    def fail(*_):
+        raise AssertionError("the direct kernel ran")
+
+    conv = dwconv.depthwise_conv(3, 1, "auto")
+    conv.direct = fail
+    conv(random_tensor(np.random.default_rng(3), (2, 3, 6, 6)))
 
 
 def test_without_a_compiler_it_warns_once_and_runs_native(monkeypatch, tmp_path):
