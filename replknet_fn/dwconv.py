@@ -62,9 +62,14 @@ def compiled_library():
     library = cache_dir() / f"dwconv-{key}.so"
     if library.exists():
         return library
-    library.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=library.parent, prefix=library.stem, suffix=".tmp")
-    os.close(handle)
+    try:
+        library.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=library.parent, prefix=library.stem, suffix=".tmp")
+        os.close(handle)
+    except OSError as error:
+        warnings.warn(f"cannot write the kernel cache ({error}; set REPLKNET_FN_CACHE): large depthwise convs "
+                      f"fall back to the native MindSpore conv")
+        return None
     result = subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", temporary], capture_output=True,
                             text=True)
     if result.returncode != 0:

@@ -107,6 +107,17 @@ def test_one_jitted_cell_follows_batch_and_map_size_changes():
         assert relative_error(forward(x).asnumpy(), reference(x).asnumpy()) < TOLERANCE
 
 
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_float16_runs_the_native_conv(impl):
+    native = dwconv.depthwise_conv(2, 7, "native")
+    conv = dwconv.depthwise_conv(2, 7, impl)
+    same_weights(native, conv)
+    x = random_tensor(np.random.default_rng(4), (1, 2, 6, 6)).astype(ms.float16)
+    native.to_float(ms.float16)
+    conv.to_float(ms.float16)
+    np.testing.assert_array_equal(conv(x).asnumpy(), native(x).asnumpy())
+
+
 def test_unknown_implementation_lists_the_valid_ones():
     with pytest.raises(ValueError, match="native"):
         dwconv.depthwise_conv(4, 7, "cuda")

@@ -49,7 +49,9 @@ inline Vec load(const float *address) { return *reinterpret_cast<const Unaligned
 // value, re-reading memory once per use and undoing the register blocking.
 inline Vec load_to_register(const float *address) {
   Vec v = load(address);
+#if defined(__x86_64__) || defined(__i386__)
   asm("" : "+v"(v));
+#endif
   return v;
 }
 
