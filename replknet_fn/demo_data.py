@@ -131,7 +131,7 @@ def _random_color(rng):
 def _contrasting_color(rng, against):
     for _ in range(20):
         color = _random_color(rng)
-        if np.abs(color - against).mean() > 70:
+        if np.abs(color - against).mean() > 90:
             return color
     return 255.0 - against
 
@@ -145,19 +145,20 @@ def _background(rng, size):
         y, x = np.mgrid[0:size, 0:size] / (size - 1) - 0.5
         t = np.clip((x * math.cos(angle) + y * math.sin(angle)) + 0.5, 0, 1)[..., None]
         return _random_color(rng) * (1 - t) + _random_color(rng) * t
-    if kind == 2:  # smooth colour noise
-        cells = int(rng.integers(2, 7))
+    if kind == 2:  # smooth colour noise, at half contrast so that its blobs are weaker than the object
+        cells = int(rng.integers(2, 5))
         coarse = rng.uniform(0, 255, (cells, cells, 3)).astype(np.uint8)
-        return np.asarray(Image.fromarray(coarse, "RGB").resize((size, size), Image.BICUBIC), np.float64)
+        blobs = np.asarray(Image.fromarray(coarse, "RGB").resize((size, size), Image.BICUBIC), np.float64)
+        return 0.5 * blobs + 0.5 * _random_color(rng)
     base = _random_color(rng)  # a colour with pixel noise
-    return base + rng.normal(0, rng.uniform(10, 40), (size, size, 3))
+    return base + rng.normal(0, rng.uniform(8, 25), (size, size, 3))
 
 
 def _class_mask(class_name, rng, size):
     """Float mask in [0, 1] of the object, (size, size)."""
-    radius = rng.uniform(0.2, 0.38) * size
-    margin = 0.75 * radius
-    center = rng.uniform(margin, size - margin, 2)
+    # Central enough that a random resized crop of a third of the area still shows most of the object.
+    radius = rng.uniform(0.22, 0.36) * size
+    center = rng.uniform(0.32 * size, 0.68 * size, 2)
     angle = rng.uniform(0, 2 * math.pi)
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
