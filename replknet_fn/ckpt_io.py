@@ -5,6 +5,7 @@ entries are not network parameters and are ignored. Every network parameter must
 """
 import mindspore as ms
 
+from replknet_fn.parameters import write_parameter
 from replknet_fn.model import build_replknet, create_model
 from replknet_fn.reparam import reparameterize
 
@@ -44,7 +45,7 @@ def load_checkpoint_into(net, checkpoint):
             raise CheckpointMismatch(f"shape mismatch for {name!r}: checkpoint has {found}, "
                                      f"network expects {tuple(param.shape)}")
     for name, param in params.items():
-        param.set_data(ms.Tensor(entries[name].asnumpy(), param.dtype))
+        write_parameter(param, entries[name].asnumpy())
     return [name for name in entries if name not in params]
 
 

@@ -67,6 +67,8 @@ def _options():
         "pretrained": o(False, "fine-tune from ckpt_path (ours or a converted official checkpoint)"),
         "ckpt_path": o("", "weights to start from when pretrained is true"),
         "ema": o(False, "keep an exponential moving average of the weights"),
+        "use_ema": o(False, "validate_with_func.py: evaluate the checkpoint's EMA weights"),
+        "reparam": o(False, "validate_with_func.py: evaluate the re-parameterized (deploy) network"),
         "ema_decay": o(0.9999, "EMA decay per step", low=0.0, high=1.0),
         # --- optimization --------------------------------------------------------------------------------
         "epoch_size": o(300, "epochs", low=1),

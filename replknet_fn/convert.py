@@ -93,11 +93,11 @@ def check_and_map(net, state_dict, allow_head_mismatch=False):
 
 def load_official_state_dict(net, state_dict, allow_head_mismatch=False, prefer="model"):
     """Load an official PyTorch state dict (mapping key -> array) into `net`; return the loaded names."""
-    import mindspore as ms
+    from replknet_fn.parameters import write_parameter
     mapped = check_and_map(net, unwrap_state_dict(state_dict, prefer), allow_head_mismatch)
     params = net_parameters(net)
     for name, value in mapped.items():
-        params[name].set_data(ms.Tensor(value, params[name].dtype))
+        write_parameter(params[name], value)
     return list(mapped)
 
 

@@ -10,6 +10,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from replknet_fn import dwconv
+from replknet_fn.parameters import write_parameter
 
 # Official `get_bn`: nn.BatchNorm2d defaults, eps 1e-5 and PyTorch momentum 0.1 (= MindSpore momentum 0.9).
 BN_EPS = 1e-5
@@ -89,7 +90,7 @@ def set_drop_path_seed(net, seed):
     value = Tensor(int(seed) % (2 ** 31), ms.int32)
     for _, cell in net.cells_and_names():
         if isinstance(cell, DropPath):
-            cell.seed.set_data(value)
+            write_parameter(cell.seed, value)
 
 
 def is_rng_state(name):

@@ -6,10 +6,10 @@ remaining conv-BN pair into a biased conv, each pre-BN into the 1x1 conv that fo
 the classifier, as the official MegEngine deploy conversion does. The input network is left untouched.
 """
 import numpy as np
-import mindspore as ms
 from mindspore import nn
 
 from replknet_fn import dwconv
+from replknet_fn.parameters import write_parameter
 from replknet_fn.model import BN_EPS, ConvFFN, RepLKBlock, build_replknet, conv2d, sync_parameter_names
 
 
@@ -46,9 +46,9 @@ def merge_large_kernel(large_kernel):
 
 
 def set_weights(cell, weight, bias=None):
-    cell.weight.set_data(ms.Tensor(weight.astype(np.float32)))
+    write_parameter(cell.weight, weight)
     if bias is not None:
-        cell.bias.set_data(ms.Tensor(bias.astype(np.float32)))
+        write_parameter(cell.bias, bias)
 
 
 class DeployLargeKernelConv(nn.Cell):
@@ -132,7 +132,7 @@ def reparameterize(net, fold_all=False, large_kernel_impl=None):
     deploy = build_replknet(**build_args)
     source = dict(net.parameters_and_names())
     for name, param in deploy.parameters_and_names():
-        param.set_data(ms.Tensor(source[name].asnumpy()))
+        write_parameter(param, source[name].asnumpy())
     for cell_name, cell in list(deploy.cells_and_names()):
         if isinstance(cell, RepLKBlock):
             cell.large_kernel = deploy_large_kernel(cell.large_kernel, impl)
