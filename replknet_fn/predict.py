@@ -179,7 +179,8 @@ def softmax(logits):
 
 def predict_files(net, paths, settings, batch_size=16):
     """Yield (path, probabilities) for each of `paths` in order, or (path, DataError) for a file that does not
-    decode. Batches are built by validation's own loader, padded to `batch_size` so one compiled graph serves."""
+    decode. Batches are built by validation's own loader, padded to `batch_size` so one compiled graph serves.
+    Each call compiles the network once (with settings.jit): pass all files to one call."""
     paths = list(paths)
     if not paths:
         return
@@ -270,9 +271,9 @@ def main(argv=None):
     except PredictError as error:
         sys.exit(f"predict: {error}")
     paths = find_images(args.inputs)
-    form = getattr(net, "deploy_form", None) or "training"
+    form = {None: "training form", "reparam": "deploy form", "folded": "deploy form, BN folded"}
     print(f"predict: {len(paths)} image(s), {settings.image_resize}px crop (crop_pct {settings.crop_pct}, "
-          f"{settings.interpolation}), {form}-form network", file=sys.stderr)
+          f"{settings.interpolation}), network in {form[getattr(net, 'deploy_form', None)]}", file=sys.stderr)
     predicted, skipped = 0, 0
     for path, result in with_progress(predict_files(net, paths, settings, args.batch_size), len(paths),
                                       args.batch_size):
