@@ -266,3 +266,12 @@ def test_cli_fails_when_no_image_could_be_predicted(checkpoint, folder_with_a_co
         predict.main(["--ckpt", str(checkpoint), str(folder_with_a_corrupt_file / "corrupt.png")])
     assert stopped.value.code not in (0, None) and "no image could be predicted" in str(stopped.value.code)
     assert "corrupt.png" in capsys.readouterr().err
+
+
+def test_progress_with_an_eta_goes_to_stderr_for_large_folders_only(capsys):
+    assert list(predict.with_progress(iter(range(12)), total=12, batch_size=2, every=2)) == list(range(12))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["predict: 4/12 images", "predict: 8/12 images"]
+    assert all("ETA" in line for line in lines)
+    list(predict.with_progress(iter(range(4)), total=4, batch_size=2, every=2))
+    assert capsys.readouterr().err == ""
