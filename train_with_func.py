@@ -15,8 +15,8 @@ from pathlib import Path
 import mindspore as ms
 
 from replknet_fn import data, dist
-from replknet_fn.checkpoint import (CheckpointError, check_writable, find_resume_checkpoint, link_or_copy,
-                                    restore_train_state, save_train_state, select_kept)
+from replknet_fn.checkpoint import (CheckpointError, check_free_space, check_writable, find_resume_checkpoint,
+                                    link_or_copy, restore_train_state, save_train_state, select_kept)
 from replknet_fn.config import Config, ConfigError, parse_config, save_config
 from replknet_fn.evaluation import evaluate, make_eval_step
 from replknet_fn.model import create_model, set_drop_path_seed
@@ -119,8 +119,8 @@ def swap_in_ema(state):
         write_parameter(average, current)
 
 
-def validate(state, eval_step, val_samples, config, rank, world_size, sum_across_ranks, log):
-    batches = data.eval_batches(val_samples, config, rank, world_size)
+def validate(state, eval_step, val_samples, config, rank, world_size, sum_across_ranks, log, stats=None):
+    batches = data.eval_batches(val_samples, config, rank, world_size, stats=stats)
     metrics = evaluate(state.net, eval_step, batches, sum_across_ranks, log=log,
                        num_batches=data.num_eval_batches(len(val_samples), config.batch_size, world_size))
     if state.ema is not None:
@@ -173,6 +173,8 @@ def main(argv=None):
                           f"{config.batch_size * config.accumulation_steps} on each of {world_size} rank(s)")
 
     state = build_train_state(config, len(class_names))
+    if rank == 0:
+        check_free_space(config.ckpt_save_dir, state)
     lr_at = create_lr_schedule(config, steps_per_epoch)
     if config.resume:
         resume(state, config, log)
@@ -250,7 +252,8 @@ def main(argv=None):
         state.epoch, state.batch_in_epoch = epoch + 1, 0
         metrics = None
         if config.val_while_train and (state.epoch % config.val_interval == 0 or state.epoch == config.epoch_size):
-            metrics = validate(state, eval_step, val_samples, config, rank, world_size, sum_across_ranks, log)
+            metrics = validate(state, eval_step, val_samples, config, rank, world_size, sum_across_ranks, log,
+                               stats)
             log(f"epoch {state.epoch} validation: " + ", ".join(f"{key} {value:.4f}" if isinstance(value, float)
                                                                 else f"{key} {value}"
                                                                 for key, value in metrics.items()))
@@ -264,7 +267,8 @@ def main(argv=None):
             break
     log(f"done in {format_duration(time.time() - run_start)}: {state.step} steps, {state.skipped_steps} skipped; "
         f"best top-1 {state.best_top1:.2f}% (epoch {state.best_epoch})")
-    summary = {"epochs": state.epoch, "steps": state.step, "best_top1": state.best_top1,
+    summary = {"epochs": state.epoch, "steps": state.step, "skipped_steps": state.skipped_steps,
+               "unreadable_images": len(stats.bad_files), "best_top1": state.best_top1,
                "seconds": round(time.time() - run_start, 1)}
     if metrics is not None:
         summary.update(metrics)

@@ -151,7 +151,7 @@ def link_or_copy(source, destination):
 
 
 def check_writable(directory):
-    """Fail early, naming the directory, if checkpoints cannot be written there."""
+    """Fail early, naming the directory, if files cannot be written there."""
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -160,8 +160,16 @@ def check_writable(directory):
         probe.unlink()
     except OSError as error:
         raise CheckpointError(f"checkpoint directory {directory} is not writable: {error.strerror}") from None
-    usage = shutil.disk_usage(directory)
-    return usage.free
+
+
+def check_free_space(directory, state):
+    """Fail early if `directory` cannot hold two checkpoints of `state` (the last one and its replacement)."""
+    size = sum(param.size * param.itemsize for param in state.parameters().values())
+    free = shutil.disk_usage(directory).free
+    if free < 2 * size:
+        raise CheckpointError(f"checkpoint directory {directory} has {free / 2**20:.0f} MiB free but a checkpoint "
+                              f"takes {size / 2**20:.0f} MiB and saving needs room for two")
+    return size
 
 
 def select_kept(kept, policy, keep_max):
