@@ -77,6 +77,7 @@ def compiled_library():
         warnings.warn(f"building {SOURCE.name} with {compiler} failed, large depthwise convs fall back to the "
                       f"native MindSpore conv:\n{result.stderr[-2000:]}")
         return None
+    os.chmod(temporary, 0o755)  # mkstemp's 0600 would hide a shared cache's build from other users
     os.replace(temporary, library)
     return library
 

@@ -10,8 +10,9 @@
 // columns are the SIMD dimension: one vector holds 16 neighbouring columns of one output row. Input rows are
 // copied into zero-padded rows, so every shifted load is in bounds and the padding contributes exact zeros; taps
 // whose rows or columns see only padding are skipped. The forward pass keeps a tile of R output rows x NV vectors
-// in registers and loads each shifted input vector once for all R rows; the weight gradient keeps a block of
-// kernel columns of one kernel row in registers and loads each output-gradient vector once for the whole block.
+// in registers and loads each shifted input vector once for all R rows; the weight gradient keeps a tile of
+// kernel rows x kernel columns in registers, so each loaded input vector serves a column of the tile and each
+// output-gradient vector a row of it.
 #include <omp.h>
 
 #include <algorithm>
@@ -46,10 +47,10 @@ constexpr double kWorkPerThread = 4e6;
 inline Vec load(const float *address) { return *reinterpret_cast<const UnalignedVec *>(address); }
 
 // A load the compiler must keep in a register: otherwise it folds the load into each multiply-add that uses the
-// value, re-reading memory once per use and undoing the register blocking.
+// value, re-reading memory once per use and undoing the register blocking. (Only where a Vec fits one register.)
 inline Vec load_to_register(const float *address) {
   Vec v = load(address);
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__AVX512F__)
   asm("" : "+v"(v));
 #endif
   return v;
@@ -88,11 +89,10 @@ void copy_plane(const float *plane, const Geometry &g, int row_length, int offse
 }
 
 // One tile of R output rows starting at h0, NV vectors of columns starting at w0. `kernel_row0` points at kernel
-// row 0 of a copy with R - 1 zero rows above and below, so a tile row whose kernel row falls outside [0, K)
-// multiplies by zero instead of branching.
+// row 0 of a copy with at least R - 1 zero rows above and below, so a tile row whose kernel row falls outside
+// [0, K) multiplies by zero instead of branching.
 template <int R, int NV>
-void forward_tile(const float *padded, const float *kernel_row0, const Geometry &g, int h0, int w0, int rows,
-                  float *out) {
+void forward_tile(const float *padded, const float *kernel_row0, const Geometry &g, int h0, int w0, float *out) {
   Vec acc[R][NV] = {};
   const int K = g.kernel, p = g.pad;
   const int input_first = std::max(0, h0 - p), input_last = std::min(g.height - 1, h0 + R - 1 + p);
@@ -110,7 +110,7 @@ void forward_tile(const float *padded, const float *kernel_row0, const Geometry 
       }
     }
   }
-  for (int r = 0; r < rows; ++r) {
+  for (int r = 0; r < R; ++r) {
     float *out_row = out + int64_t(h0 + r) * g.width;
     for (int v = 0; v < NV; ++v) {
       const int column = w0 + v * kLanes, count = std::min(kLanes, g.width - column);
@@ -121,35 +121,21 @@ void forward_tile(const float *padded, const float *kernel_row0, const Geometry 
   }
 }
 
-using ForwardTile = void (*)(const float *, const float *, const Geometry &, int, int, int, float *);
+using ForwardTile = void (*)(const float *, const float *, const Geometry &, int, int, float *);
 
 template <int NV, int... Rs>
-constexpr std::array<ForwardTile, sizeof...(Rs)> forward_tiles(std::integer_sequence<int, Rs...>) {
-  return {&forward_tile<Rs + 1, NV>...};
+constexpr std::array<ForwardTile, kAccumulators> forward_tiles(std::integer_sequence<int, Rs...>) {
+  return {&forward_tile<Rs + 1, NV>...};  // R = 1 .. kAccumulators / NV; the rest of the array is null
 }
 
-// forward_table[NV - 1][R - 1] for R * NV <= kAccumulators.
-const std::array<ForwardTile, kAccumulators> forward_table[4] = {
-    forward_tiles<1>(std::make_integer_sequence<int, kAccumulators>()),
-    [] {
-      std::array<ForwardTile, kAccumulators> t{};
-      auto f = forward_tiles<2>(std::make_integer_sequence<int, kAccumulators / 2>());
-      std::copy(f.begin(), f.end(), t.begin());
-      return t;
-    }(),
-    [] {
-      std::array<ForwardTile, kAccumulators> t{};
-      auto f = forward_tiles<3>(std::make_integer_sequence<int, kAccumulators / 3>());
-      std::copy(f.begin(), f.end(), t.begin());
-      return t;
-    }(),
-    [] {
-      std::array<ForwardTile, kAccumulators> t{};
-      auto f = forward_tiles<4>(std::make_integer_sequence<int, kAccumulators / 4>());
-      std::copy(f.begin(), f.end(), t.begin());
-      return t;
-    }(),
-};
+template <int NV>
+constexpr std::array<ForwardTile, kAccumulators> forward_tiles() {
+  return forward_tiles<NV>(std::make_integer_sequence<int, kAccumulators / NV>());
+}
+
+// forward_table[NV - 1][R - 1], for R * NV <= kAccumulators.
+const std::array<ForwardTile, kAccumulators> forward_table[4] = {forward_tiles<1>(), forward_tiles<2>(),
+                                                                 forward_tiles<3>(), forward_tiles<4>()};
 
 // out[b, c] = conv(in[b, c], kernel[c]) (kernel flipped in both axes when `flip`), for all b, c.
 void convolve(const float *in, const float *kernel, float *out, const Geometry &g, bool flip) {
@@ -176,8 +162,7 @@ void convolve(const float *in, const float *kernel, float *out, const Geometry &
           const int nv = std::min(vectors_per_tile, g.vectors - first_vector);
           for (int h0 = 0; h0 < g.height; h0 += tile_rows) {
             const int rows = std::min(tile_rows, g.height - h0);
-            forward_table[nv - 1][rows - 1](padded.data(), kernel_row0, g, h0, first_vector * kLanes, rows,
-                                            out + offset);
+            forward_table[nv - 1][rows - 1](padded.data(), kernel_row0, g, h0, first_vector * kLanes, out + offset);
           }
         }
       }
@@ -272,12 +257,14 @@ void weight_grad(const float *x, const float *dy, float *dweight, const Geometry
 
 bool float32(const char *dtype) { return std::strcmp(dtype, "float32") == 0 || std::strcmp(dtype, "float") == 0; }
 
-// Checks the (B, C, H, W) tensor at `map`, the (C, 1, K, K) tensor at `kernel` and the same-shaped `others`.
-bool valid(int nparam, int expected, int *ndims, int64_t **shapes, const char **dtypes, int map, int kernel) {
+bool same_shape(const int64_t *a, const int64_t *b) { return std::equal(a, a + 4, b); }
+
+// `expected` float32 4-D tensors; a (B, C, H, W) map at 0 and a (C, 1, K, K) kernel, K odd, at `kernel`.
+bool valid(int nparam, int expected, int *ndims, int64_t **shapes, const char **dtypes, int kernel) {
   if (nparam != expected) return false;
   for (int n = 0; n < nparam; ++n)
     if (ndims[n] != 4 || !float32(dtypes[n])) return false;
-  const int64_t *m = shapes[map], *k = shapes[kernel];
+  const int64_t *m = shapes[0], *k = shapes[kernel];
   return k[0] == m[1] && k[1] == 1 && k[2] == k[3] && k[2] % 2 == 1;
 }
 
@@ -285,7 +272,7 @@ bool valid(int nparam, int expected, int *ndims, int64_t **shapes, const char **
 
 extern "C" int dwconv_forward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                               void *, void *) {
-  if (!valid(nparam, 3, ndims, shapes, dtypes, 0, 1)) return 1;
+  if (!valid(nparam, 3, ndims, shapes, dtypes, 1) || !same_shape(shapes[2], shapes[0])) return 1;
   const Geometry g(shapes[0], int(shapes[1][2]));
   convolve(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
            static_cast<float *>(params[2]), g, false);
@@ -294,7 +281,7 @@ extern "C" int dwconv_forward(int nparam, void **params, int *ndims, int64_t **s
 
 extern "C" int dwconv_input_grad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                  void *, void *) {
-  if (!valid(nparam, 3, ndims, shapes, dtypes, 0, 1)) return 1;
+  if (!valid(nparam, 3, ndims, shapes, dtypes, 1) || !same_shape(shapes[2], shapes[0])) return 1;
   const Geometry g(shapes[0], int(shapes[1][2]));
   convolve(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
            static_cast<float *>(params[2]), g, true);
@@ -303,7 +290,9 @@ extern "C" int dwconv_input_grad(int nparam, void **params, int *ndims, int64_t 
 
 extern "C" int dwconv_weight_grad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                   void *, void *) {
-  if (!valid(nparam, 4, ndims, shapes, dtypes, 0, 2)) return 1;
+  if (!valid(nparam, 4, ndims, shapes, dtypes, 2) || !same_shape(shapes[1], shapes[0]) ||
+      !same_shape(shapes[3], shapes[2]))
+    return 1;
   const Geometry g(shapes[0], int(shapes[2][2]));
   weight_grad(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
               static_cast<float *>(params[3]), g);
