@@ -33,8 +33,9 @@ def tiny_data(tmp_path_factory):
 
 
 def train_command(data_dir, ckpt_dir, *extra):
+    # Eager (--jit False) to spare five compilations; test_train.py checks resume under jit.
     return [sys.executable, "train_with_func.py", *run_args(data_dir, ckpt_dir, "--ckpt_save_steps", "1",
-                                                              "--log_interval", "1", *extra)]
+                                                              "--log_interval", "1", "--jit", "False", *extra)]
 
 
 def run_until_step(command, stop_at, timeout=300):

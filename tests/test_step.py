@@ -14,7 +14,8 @@ from replknet_fn.train_state import EMA, TrainState, create_loss_scale
 
 def tiny_config(**overrides):
     config = Config(DEFAULTS)
-    config.update(lr=1e-3, loss_scale=1024.0, loss_scale_window=3, jit=True)
+    # Eager by default (no compile: fast tests); the tests about jit itself ask for it.
+    config.update(lr=1e-3, loss_scale=1024.0, loss_scale_window=3, jit=False)
     config.update(overrides)
     return config
 
@@ -58,7 +59,7 @@ def overflowing_gradients(grad_fn, images, targets, scale, accumulation_steps):
 
 def test_overflow_skips_the_update_halves_the_scale_and_keeps_the_schedule():
     from replknet_fn.schedule import create_lr_schedule
-    config = tiny_config(warmup_epochs=1, epoch_size=3, decay_epochs=2)
+    config = tiny_config(warmup_epochs=1, epoch_size=3, decay_epochs=2, jit=True)
     lr_at = create_lr_schedule(config, steps_per_epoch=4)
     state = tiny_state(config, ema=True)
     step = make_train_step(state, config)
@@ -83,7 +84,7 @@ def test_overflow_skips_the_update_halves_the_scale_and_keeps_the_schedule():
 
 
 def test_dynamic_scale_grows_after_a_window_of_finite_steps():
-    config = tiny_config(loss_scale_window=3)
+    config = tiny_config(loss_scale_window=3, jit=True)
     state = tiny_state(config)
     step = make_train_step(state, config)
     images, targets = batch()
