@@ -73,18 +73,20 @@ def _value(param):
 
 def load_parameters(target_params, source, path, optional=()):
     """Copy `source` (name -> Parameter/array) into `target_params` (name -> Parameter), checking every name
-    and shape. Names starting with one of `optional` may be missing."""
-    for name, param in target_params.items():
-        if name not in source:
-            if name.startswith(tuple(optional)):
-                continue
-            raise CheckpointError(f"{path}: missing parameter {name!r}; is it a checkpoint of another model or "
-                                  "another optimizer?")
-        value = _value(source[name])
-        if tuple(value.shape) != tuple(param.shape):
-            raise CheckpointError(f"{path}: shape mismatch for {name!r}: checkpoint has {tuple(value.shape)}, "
+    and shape first, so nothing is loaded when something does not fit. Names starting with one of `optional`
+    may be missing. Entries of `source` that are not targets are ignored."""
+    missing = [name for name in target_params if name not in source and not name.startswith(tuple(optional))]
+    if missing:
+        raise CheckpointError(f"{path}: parameter {missing[0]!r} is not in the checkpoint ({len(missing)} of "
+                              f"{len(target_params)} missing); is it a checkpoint of another model or form?")
+    present = [(name, param) for name, param in target_params.items() if name in source]
+    for name, param in present:
+        shape = tuple(_value(source[name]).shape)
+        if shape != tuple(param.shape):
+            raise CheckpointError(f"{path}: shape mismatch for {name!r}: checkpoint has {shape}, "
                                   f"network expects {tuple(param.shape)}")
-        write_parameter(param, value)
+    for name, param in present:
+        write_parameter(param, _value(source[name]))
 
 
 def restore_train_state(state, path):

@@ -3,20 +3,18 @@
 A checkpoint written by `mindspore.save_checkpoint(net, path)` may also hold optimizer state or metadata; those
 entries are not network parameters and are ignored. Every network parameter must be present with its shape.
 """
-import mindspore as ms
-
-from replknet_fn.parameters import write_parameter
+from replknet_fn.checkpoint import load_parameters, read_checkpoint
+from replknet_fn.convert import net_parameters
 from replknet_fn.model import build_replknet, create_model
 from replknet_fn.reparam import reparameterize
 
 
-class CheckpointMismatch(ValueError):
-    pass
-
-
-def read_checkpoint(path):
-    """name -> Parameter (or str/number metadata), as `mindspore.load_checkpoint` returns it."""
-    return ms.load_checkpoint(str(path))
+def checkpoint_entries(checkpoint):
+    """name -> value of a checkpoint file (CRC-checked when it has one), or `checkpoint` if already a dict."""
+    if isinstance(checkpoint, dict):
+        return checkpoint
+    entries, _ = read_checkpoint(checkpoint)
+    return entries
 
 
 def checkpoint_form(entries):
@@ -28,24 +26,14 @@ def checkpoint_form(entries):
 
 
 def load_checkpoint_into(net, checkpoint):
-    """Copy every parameter of `net` from `checkpoint` (a path or a `read_checkpoint` dict).
+    """Copy every weight of `net` from `checkpoint` (a path or a dict of entries).
 
-    Raises `CheckpointMismatch` naming the first missing parameter or the first shape mismatch (both shapes);
-    nothing is copied then. Returns the checkpoint entries that are not parameters of `net`, which are ignored."""
-    entries = read_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
-    params = dict(net.parameters_and_names())
-    missing = [name for name in params if name not in entries]
-    if missing:
-        raise CheckpointMismatch(f"network parameter {missing[0]!r} is not in the checkpoint ({len(missing)} of "
-                                 f"{len(params)} missing); is it a checkpoint of another model or form?")
-    for name, param in params.items():
-        value = entries[name]
-        if not hasattr(value, "shape") or tuple(value.shape) != tuple(param.shape):
-            found = tuple(value.shape) if hasattr(value, "shape") else type(value).__name__
-            raise CheckpointMismatch(f"shape mismatch for {name!r}: checkpoint has {found}, "
-                                     f"network expects {tuple(param.shape)}")
-    for name, param in params.items():
-        write_parameter(param, entries[name].asnumpy())
+    Raises `checkpoint.CheckpointError` naming the first missing parameter or the first shape mismatch (both
+    shapes); nothing is copied then. Returns the checkpoint entries that are not weights of `net` (optimizer
+    state, EMA, metadata), which are ignored."""
+    entries = checkpoint_entries(checkpoint)
+    params = net_parameters(net)
+    load_parameters(params, entries, "checkpoint" if isinstance(checkpoint, dict) else checkpoint)
     return [name for name in entries if name not in params]
 
 
@@ -60,10 +48,11 @@ def build_network(model, **overrides):
 
 def network_from_checkpoint(model, checkpoint=None, num_classes=None, large_kernel_impl=None, **overrides):
     """The network `model` in the checkpoint's form (training or deploy), with its weights, in eval mode.
+    `checkpoint` is a path or a dict of entries.
 
     `num_classes` defaults to the checkpoint's classifier size (no classifier: a backbone). A deploy-form
     checkpoint gives the deploy network, its large kernels built with `large_kernel_impl` (default: the model's)."""
-    entries = read_checkpoint(checkpoint) if checkpoint is not None else {}
+    entries = checkpoint_entries(checkpoint) if checkpoint is not None else {}
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     elif checkpoint is not None:

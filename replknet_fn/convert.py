@@ -207,7 +207,7 @@ def convert(src, dst, model, num_classes=None, prefer="model"):
     if is_deploy_form(state_dict):
         net = reparameterize(net)
     load_official_state_dict(net, state_dict)
-    ms.save_checkpoint(net, dst)
+    ms.save_checkpoint(net, dst, crc_check=True)
     return net
 
 

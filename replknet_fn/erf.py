@@ -23,7 +23,8 @@ import mindspore as ms
 from mindspore import nn, ops
 from PIL import Image, ImageDraw, ImageFont
 
-from replknet_fn.ckpt_io import CheckpointMismatch, network_from_checkpoint
+from replknet_fn.checkpoint import CheckpointError
+from replknet_fn.ckpt_io import network_from_checkpoint
 from replknet_fn.model import MODELS
 
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
@@ -236,8 +237,8 @@ def render_png(maps, path, titles=None):
 def model_erf(name, ckpt, overrides, files, args):
     try:
         net = network_from_checkpoint(name, ckpt, **overrides)
-    except CheckpointMismatch as error:
-        raise CheckpointMismatch(f"{ckpt}: {error}") from None
+    except CheckpointError as error:
+        raise CheckpointError(f"{ckpt}: {error}") from None
     label = name + "".join(f" {key}={value}" for key, value in overrides.items())
     print(f"{label}: {'weights from ' + ckpt if ckpt else 'untrained (random init)'}, "
           f"{args.num_images} images at {args.input_size}x{args.input_size}", flush=True)
@@ -284,7 +285,7 @@ def main(argv=None):
         if args.compare:
             runs.append((args.compare, args.ckpt2, build_overrides(args.large_kernel_sizes2, args.small_kernel2)))
         results = [model_erf(name, ckpt, overrides, files, args) for name, ckpt, overrides in runs]
-    except (CheckpointMismatch, ValueError, OSError) as error:
+    except (CheckpointError, ValueError, OSError) as error:
         sys.exit(f"erf: {error}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

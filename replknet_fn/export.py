@@ -15,7 +15,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn
 
-from replknet_fn.ckpt_io import CheckpointMismatch, network_from_checkpoint
+from replknet_fn.checkpoint import CheckpointError
+from replknet_fn.ckpt_io import network_from_checkpoint
 from replknet_fn.model import MODELS
 from replknet_fn.reparam import reparameterize
 
@@ -101,7 +102,7 @@ def main(argv=None):
         sys.exit(f"export: {ONNX_UNAVAILABLE}")
     try:
         net = network_from_checkpoint(args.model, args.ckpt, args.num_classes)
-    except (CheckpointMismatch, ValueError, OSError) as error:
+    except (CheckpointError, ValueError, OSError) as error:
         sys.exit(f"export: {args.ckpt}: {error}")
     if getattr(net, "deploy_form", None) == "reparam" and args.fold_all:
         sys.exit("export: --fold_all needs a training-form checkpoint (this one is re-parameterized without it)")

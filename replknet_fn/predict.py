@@ -29,7 +29,7 @@ import numpy as np
 
 from replknet_fn import data
 from replknet_fn.checkpoint import CheckpointError, load_parameters, read_checkpoint
-from replknet_fn.ckpt_io import CheckpointMismatch, build_network, checkpoint_form, load_checkpoint_into
+from replknet_fn.ckpt_io import network_from_checkpoint
 from replknet_fn.config import Config
 from replknet_fn.convert import net_parameters
 from replknet_fn.dwconv import IMPLEMENTATIONS
@@ -90,13 +90,8 @@ def build_from_checkpoint(params, meta, ckpt, model, large_kernel_impl):
     head = params.get("head.weight")
     if head is None:
         raise PredictError(f"{ckpt} has no classifier (head.weight): a backbone cannot predict classes")
-    net = build_network(model, num_classes=int(head.shape[0]), drop_path_rate=0.0,
-                        large_kernel_impl=large_kernel_impl)
-    form = checkpoint_form(params)
-    if form != "train":
-        net = reparameterize(net, fold_all=form == "folded", large_kernel_impl=large_kernel_impl)
-    load_checkpoint_into(net, params)
-    return net
+    return network_from_checkpoint(model, params, num_classes=int(head.shape[0]),
+                                   large_kernel_impl=large_kernel_impl, drop_path_rate=0.0)
 
 
 def load_predictor(ckpt, model=None, reparam=False, labels=None, image_resize=None, crop_pct=None,
@@ -117,7 +112,7 @@ def load_predictor(ckpt, model=None, reparam=False, labels=None, image_resize=No
             raise PredictError(f"{ckpt} holds no EMA weights (train with --ema True)")
     try:
         net = build_from_checkpoint(params, meta, ckpt, model, large_kernel_impl)
-    except (CheckpointError, CheckpointMismatch) as error:
+    except CheckpointError as error:
         raise PredictError(f"{ckpt}: {error}") from None
     if net.head is None:
         raise PredictError(f"{ckpt} holds a backbone without a classifier: it cannot predict classes")

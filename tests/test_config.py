@@ -1,9 +1,7 @@
 """Configuration: defaults < YAML < command line, typed and checked, with helpful errors."""
 import math
-from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import ROOT
 from replknet_fn.config import DEFAULTS, Config, ConfigError, parse_config, save_config

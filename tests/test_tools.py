@@ -7,7 +7,8 @@ from PIL import Image
 
 from replknet_fn import build_replknet, replknet_tiny
 from replknet_fn import erf, export
-from replknet_fn.ckpt_io import CheckpointMismatch, load_checkpoint_into
+from replknet_fn.checkpoint import CheckpointError
+from replknet_fn.ckpt_io import load_checkpoint_into
 from replknet_fn.reparam import reparameterize
 
 TOLERANCE = 1e-5
@@ -106,7 +107,7 @@ def test_load_checkpoint_into_names_the_first_missing_parameter(tiny_ckpt):
     net, ckpt = tiny_ckpt
     entries = ms.load_checkpoint(str(ckpt))
     del entries["stages.1.blocks.0.pw1.conv.weight"], entries["head.bias"]
-    with pytest.raises(CheckpointMismatch, match=r"'stages\.1\.blocks\.0\.pw1\.conv\.weight' is not in the "):
+    with pytest.raises(CheckpointError, match=r"'stages\.1\.blocks\.0\.pw1\.conv\.weight' is not in the "):
         load_checkpoint_into(replknet_tiny(), entries)
 
 
