@@ -231,3 +231,14 @@ def test_ema_follows_its_formula():
     step(*batch(), LR)
     np.testing.assert_allclose(average.asnumpy(), 0.9 * before_average + 0.1 * first.asnumpy(), rtol=1e-6,
                                atol=1e-7)
+
+
+def test_mixed_precision_o2_step_trains_with_fp32_loss():
+    from train_with_func import forward_network
+    config = tiny_config(amp_level="O2", lr=3e-3)
+    state = tiny_state(config)
+    step = make_train_step(state, config, net=forward_network(state.net, "O2"))
+    images, targets = batch(16)
+    losses = [float(step(images, targets, ms.Tensor(3e-3, ms.float32))[0].asnumpy()) for _ in range(8)]
+    assert losses[-1] < 0.8 * losses[0]
+    assert state.net.trainable_params()[0].dtype == ms.float32  # master weights stay fp32
