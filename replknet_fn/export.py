@@ -101,7 +101,7 @@ def main(argv=None):
     if args.format == "ONNX":
         sys.exit(f"export: {ONNX_UNAVAILABLE}")
     try:
-        net = network_from_checkpoint(args.model, args.ckpt, args.num_classes)
+        net = network_from_checkpoint(args.model, args.ckpt, args.num_classes, large_kernel_impl="native")
     except (CheckpointError, ValueError, OSError) as error:
         sys.exit(f"export: {args.ckpt}: {error}")
     if getattr(net, "deploy_form", None) == "reparam" and args.fold_all:

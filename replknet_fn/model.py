@@ -108,15 +108,15 @@ class ReparamLargeKernelConv(nn.Cell):
     `reparam.py` replaces this cell by `DeployLargeKernelConv`, one biased conv holding both branches.
     """
 
-    def __init__(self, channels, large_kernel_size, small_kernel_size, large_kernel_impl="native"):
+    def __init__(self, channels, large_kernel_size, small_kernel_size, large_kernel_impl="auto"):
         super().__init__()
         if small_kernel_size is not None and small_kernel_size > large_kernel_size:
             raise ValueError(f"small_kernel ({small_kernel_size}) must not exceed the large kernel "
                              f"({large_kernel_size})")
         self.lkb_origin = ConvBN(dwconv.depthwise_conv(channels, large_kernel_size, large_kernel_impl),
                                  channels, relu=False)
-        self.small_conv = (conv_bn(channels, channels, small_kernel_size, groups=channels)
-                           if small_kernel_size is not None else None)
+        self.small_conv = (ConvBN(dwconv.depthwise_conv(channels, small_kernel_size, large_kernel_impl), channels,
+                                  relu=False) if small_kernel_size is not None else None)
 
     def construct(self, x):
         out = self.lkb_origin(x)
@@ -129,7 +129,7 @@ class RepLKBlock(nn.Cell):
     """pre-BN -> 1x1 conv-BN-ReLU -> large depthwise conv -> ReLU -> 1x1 conv-BN -> drop path -> residual."""
 
     def __init__(self, in_channels, dw_channels, large_kernel_size, small_kernel_size, drop_path_rate,
-                 large_kernel_impl="native", index=0):
+                 large_kernel_impl="auto", index=0):
         super().__init__()
         self.prelkb_bn = batch_norm(in_channels)
         self.pw1 = conv_bn_relu(in_channels, dw_channels, 1)
@@ -263,13 +263,14 @@ def sync_parameter_names(net):
 
 def build_replknet(large_kernel_sizes, layers, channels, drop_path_rate=0.0, small_kernel=5, dw_ratio=1,
                    ffn_ratio=4, in_channels=3, num_classes=1000, out_indices=None,
-                   norm_intermediate_features=False, recompute=False, large_kernel_impl="native"):
+                   norm_intermediate_features=False, recompute=False, large_kernel_impl="auto"):
     """Build a RepLKNet. Arguments are named as in the official constructor.
 
     `small_kernel=None` drops the parallel small kernel (RepLKNet-XL). `num_classes=None` builds the backbone
     without norm/pool/head. `out_indices` makes the network return a tuple of per-stage features.
     `recompute` recomputes each block's activations in the backward pass (gradient checkpointing).
-    `large_kernel_impl` picks the large depthwise conv implementation (see `dwconv.py`).
+    `large_kernel_impl` picks how the stride-1 depthwise convs (large and small kernels, the stem's 3x3) are
+    computed (see `dwconv.py`); parameters are the same whatever the choice.
     """
     if not (len(large_kernel_sizes) == len(layers) == len(channels)):
         raise ValueError(f"large_kernel_sizes {list(large_kernel_sizes)}, layers {list(layers)} and channels "
@@ -281,7 +282,7 @@ def build_replknet(large_kernel_sizes, layers, channels, drop_path_rate=0.0, sma
     base_width = channels[0]
     stem = nn.CellList([
         conv_bn_relu(in_channels, base_width, 3, stride=2),
-        conv_bn_relu(base_width, base_width, 3, groups=base_width),
+        ConvBN(dwconv.depthwise_conv(base_width, 3, large_kernel_impl), base_width, relu=True),
         conv_bn_relu(base_width, base_width, 1),
         conv_bn_relu(base_width, base_width, 3, stride=2, groups=base_width),
     ])

@@ -129,7 +129,7 @@ def reparameterize(net, fold_all=False, large_kernel_impl=None):
     The deploy network computes the training form's eval-mode output (BN running statistics)."""
     build_args = dict(net.build_args)
     impl = large_kernel_impl or build_args["large_kernel_impl"]
-    deploy = build_replknet(**build_args)
+    deploy = build_replknet(**dict(build_args, large_kernel_impl=impl))
     source = dict(net.parameters_and_names())
     for name, param in deploy.parameters_and_names():
         write_parameter(param, source[name].asnumpy())
