@@ -179,6 +179,8 @@ def main(argv=None):
     if config.resume:
         resume(state, config, log)
     dist.broadcast_parameters(list(state.parameters().values()), world_size)
+    dist.check_same_on_all_ranks({"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+                                  "step": state.step}, world_size)
     train_step = make_train_step(state, config, all_reduce=dist.make_gradient_mean(world_size),
                                  net=forward_network(state.net, config.amp_level))
     eval_step = make_eval_step(forward_network(state.net, config.amp_level), config.jit)
@@ -288,3 +290,7 @@ if __name__ == "__main__":
         main()
     except (ConfigError, CheckpointError, data.DataError, TrainingDiverged, dist.DistributedError) as error:
         sys.exit(f"error: {error}")
+    except RuntimeError as error:
+        if dist.explain_failure(error) is None:
+            raise
+        sys.exit(f"error: {dist.explain_failure(error)}")

@@ -62,3 +62,7 @@ if __name__ == "__main__":
         main()
     except (ConfigError, CheckpointError, data.DataError, dist.DistributedError) as error:
         sys.exit(f"error: {error}")
+    except RuntimeError as error:
+        if dist.explain_failure(error) is None:
+            raise
+        sys.exit(f"error: {dist.explain_failure(error)}")

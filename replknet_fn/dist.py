@@ -1,36 +1,164 @@
 """Data parallelism made explicit: who we are, and the few things that cross processes.
 
-    rank, world_size = init_distributed(config.distribute)
-    all_reduce = make_gradient_mean(world_size)         # the train step's all-reduce hook
-    totals = sum_across_ranks(counts)                   # validation counters
-    broadcast_parameters(params)                        # every rank starts from rank 0's weights
+    rank, world_size = init_distributed(config.distribute)   # msrun, or mpirun (mapped onto msrun's cluster)
+    all_reduce = make_gradient_mean(world_size)               # the train step's all-reduce hook
+    totals = make_sum_across_ranks(world_size)(counts)        # validation counters
+    broadcast_parameters(params, world_size)                  # every rank starts from rank 0's weights
+    check_same_on_all_ranks({"step": step}, world_size)       # every rank resumed from the same point
 
 With `distribute False` nothing is initialised and nothing is communicated. Everything else (BN statistics,
 data shards, the optimizer) stays local to each rank, as in the reference recipe.
+
+Failure (measured with MindSpore 2.8 on CPU): nothing hangs. When a rank dies, MindSpore's scheduler declares
+it timed out and every other rank kills itself with SIGTERM ~30 s later; a collective left waiting for a silent
+peer also fails after ~30 s. `init_distributed` adds a one-line explanation to the first, `explain_failure` to
+the second. The same limit means ranks must never drift more than ~30 s apart between two collectives.
 """
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
 import mindspore as ms
+import numpy as np
 from mindspore import ops
 
 from replknet_fn.parameters import write_parameter
+
+# Measured: MindSpore 2.8's CPU ring all-reduce gives up on a silent peer after ~30 s (a peer 25 s late is
+# waited for, one 45 s late fails the job; MS_RECEIVE_MSG_TIMEOUT does not change it).
+COLLECTIVE_TIMEOUT_SECONDS = 30
+# Measured: after a rank dies, the scheduler declares it timed out and the others receive SIGTERM ~30 s later.
+NODE_TIMEOUT_SECONDS = 30
+DEFAULT_SCHEDULER_PORT = "8118"  # msrun's default --master_port
 
 
 class DistributedError(RuntimeError):
     pass
 
 
+_joined = None  # (rank, world_size) once this process has joined its group: init() may run only once
+
+
 def init_distributed(distribute):
-    """(rank, world_size). With `distribute`, joins the group msrun/mpirun started us in."""
+    """(rank, world_size). With `distribute`, joins the group that msrun or mpirun started us in."""
+    global _joined
     if not distribute:
         return 0, 1
+    if _joined is not None:
+        return _joined
+    if not os.environ.get("MS_ROLE") and os.environ.get("OMPI_COMM_WORLD_SIZE"):
+        join_cluster_from_openmpi(os.environ)
+    if not os.environ.get("MS_ROLE"):
+        raise DistributedError(
+            "--distribute True needs a launcher: run under `msrun --worker_num=N --local_worker_num=N "
+            "train_with_func.py ... --distribute True` or `mpirun -n N python train_with_func.py ... "
+            "--distribute True` (README, 'Data-parallel training')")
     from mindspore.communication import get_group_size, get_rank, init
     try:
         init()
     except (RuntimeError, ValueError) as error:
+        raise DistributedError(f"joining the process group failed: {str(error).splitlines()[0]}") from None
+    _joined = get_rank(), get_group_size()
+    if _joined[1] > 1:
+        _explain_termination(*_joined)
+    return _joined
+
+
+def join_cluster_from_openmpi(environ):
+    """Map mpirun's OMPI_COMM_WORLD_RANK/SIZE onto MindSpore's dynamic cluster (what msrun sets up).
+
+    MindSpore 2.8's own OpenMPI path does not initialise collectives on CPU (measured: "Failed to initialize
+    communication library on device side"), so each rank becomes an msrun-style worker (MS_ROLE, MS_NODE_ID =
+    the MPI rank) and rank 0 also starts the scheduler process that msrun would start. The scheduler listens on
+    MS_SCHED_HOST:MS_SCHED_PORT (defaults 127.0.0.1 and 8118; across machines pass
+    `-x MS_SCHED_HOST=<rank 0's address>`)."""
+    rank, size = int(environ["OMPI_COMM_WORLD_RANK"]), int(environ["OMPI_COMM_WORLD_SIZE"])
+    local_size = int(environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", size))
+    if not environ.get("MS_SCHED_HOST") and local_size != size:
         raise DistributedError(
-            "--distribute True needs a launcher: run under `msrun --worker_num=N --local_worker_num=N "
-            f"train_with_func.py ...` or mpirun (see README). MindSpore said: {str(error).splitlines()[0]}"
-        ) from None
-    return get_rank(), get_group_size()
+            f"mpirun placed {size} ranks on several machines: tell every rank where rank 0's scheduler listens, "
+            "e.g. `mpirun -x MS_SCHED_HOST=<address of rank 0's machine> -x MS_SCHED_PORT=8118 ...`")
+    cluster = {"MS_WORKER_NUM": str(size), "MS_SCHED_HOST": environ.get("MS_SCHED_HOST", "127.0.0.1"),
+               "MS_SCHED_PORT": environ.get("MS_SCHED_PORT", DEFAULT_SCHEDULER_PORT)}
+    # Without these two, MindSpore would also take its own (GPU/Ascend-only) OpenMPI route.
+    for name in ("OMPI_COMMAND", "PMIX_RANK"):
+        environ.pop(name, None)
+    if rank == 0:
+        start_scheduler(dict(environ, **cluster))
+    # Measured: a worker that first knocks before the scheduler listens may then fail to register for 50-100 s.
+    _wait_until_listening(cluster["MS_SCHED_HOST"], int(cluster["MS_SCHED_PORT"]))
+    environ.update(cluster, MS_ROLE="MS_WORKER", MS_NODE_ID=str(rank))
+
+
+def start_scheduler(environ):
+    """The process msrun runs as `MS_ROLE=MS_SCHED`: it exits by itself once every worker has left (or timed
+    out), and is killed with its parent. Only errors reach the log (GLOG_v=3) unless GLOG_v is set."""
+    env = {name: value for name, value in environ.items() if not name.startswith(("OMPI_", "PMIX_"))}
+    env.update(MS_ROLE="MS_SCHED", GLOG_v=environ.get("GLOG_v", "3"))
+    return subprocess.Popen([sys.executable, "-c", "from mindspore.communication import init; init()"],
+                            env=env, preexec_fn=_die_with_parent)
+
+
+def _wait_until_listening(host, port, timeout=300.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=2.0):
+                return
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise DistributedError(f"rank 0's scheduler at {host}:{port} did not answer within {timeout:.0f} s "
+                                       f"({error}); check MS_SCHED_HOST/MS_SCHED_PORT and rank 0's log") from None
+            time.sleep(0.2)
+
+
+def _die_with_parent():
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the scheduler still exits after its heartbeat timeout
+
+
+def _explain_termination(rank, world_size):
+    """Measured: when a rank stops answering (killed, out of memory, crashed), MindSpore's scheduler notices
+    within ~30 s and every other rank kills itself with SIGTERM, which leaves only MindSpore's log lines. Say
+    why in one line first. A thread does it, because the main thread may be stuck inside a collective; the
+    exit code stays 143 (128 + SIGTERM)."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end)  # the C-level handler writes the signal number here at once
+    signal.signal(signal.SIGTERM, lambda number, frame: None)  # keep the default action off: the thread exits
+
+    def watch():
+        while os.read(read_end, 1) != bytes([signal.SIGTERM]):
+            pass
+        sys.stderr.write(
+            f"\nerror: rank {rank} of {world_size} stopped by SIGTERM. MindSpore's cluster sends it to every rank "
+            f"~{NODE_TIMEOUT_SECONDS} s after one rank stops answering (died, killed, out of memory): find the "
+            "first error in the other ranks' logs (msrun: log_dir/worker_<rank>.log; log_dir/scheduler.log names "
+            "the rank that timed out). A launcher that stops the job sends it too.\n")
+        sys.stderr.flush()
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="sigterm-report", daemon=True).start()
+
+
+def explain_failure(error):
+    """A DistributedError explaining `error` when it is MindSpore's report of a failed collective in a group of
+    several processes; else None."""
+    if _joined is None or _joined[1] == 1 or "AllReduce" not in str(error):
+        return None
+    rank, world_size = _joined
+    return DistributedError(
+        f"rank {rank}: an all-reduce across {world_size} processes failed after waiting ~"
+        f"{COLLECTIVE_TIMEOUT_SECONDS} s for a peer (MindSpore's CPU collectives give up after that). Another "
+        "rank has probably died (killed, out of memory, an error: see its log, e.g. msrun's "
+        "log_dir/worker_<rank>.log) or fell more than that far behind")
 
 
 def _identity(values):
@@ -52,7 +180,7 @@ def make_gradient_mean(world_size):
 
 
 def make_sum_across_ranks(world_size):
-    """Sum of a Tensor over ranks (metric counters); identity on one process."""
+    """Sum of a float32 Tensor over ranks (metric counters: exact below 2**24); identity on one process."""
     if world_size == 1:
         return _identity
     all_reduce = ops.AllReduce()
@@ -67,16 +195,74 @@ def mean_across_ranks(value, world_size):
     """Mean of a float over ranks, for logging."""
     if world_size == 1:
         return float(value)
-    return float(ops.AllReduce()(ms.Tensor(float(value), ms.float32)).asnumpy()) / world_size
+    return float(_sum_over_ranks(np.array([value], np.float32))[0]) / world_size
 
 
 def broadcast_parameters(params, world_size):
-    """Make every rank hold rank 0's values: all-reduce the values with every rank but 0 contributing zeros."""
+    """Make every rank hold rank 0's values, bit for bit: float parameters travel as float32 (others add zeros:
+    x + 0 is exact), integer ones (step counters, seeds) as 16-bit halves. Host buffers, 64 MB per all-reduce."""
     if world_size == 1:
         return
-    from mindspore.communication import get_rank
+    rank = _joined[0]
+    float_types, int_types = (ms.float32, ms.float16), (ms.int32, ms.int16, ms.int8, ms.uint8)
+    floats = [p for p in params if p.dtype in float_types]
+    ints = [p for p in params if p.dtype in int_types]
+    other = [p for p in params if p.dtype not in float_types + int_types]
+    if other:
+        raise DistributedError(f"cannot broadcast parameter {other[0].name} of dtype {other[0].dtype} exactly")
+    for group, receive in ((floats, _floats_from_rank0), (ints, _ints_from_rank0)):
+        if not group:
+            continue
+        values = receive(np.concatenate([p.asnumpy().ravel() for p in group]), rank)
+        offset = 0
+        for param in group:
+            write_parameter(param, values[offset:offset + param.size].reshape(param.shape))
+            offset += param.size
+
+
+def check_same_on_all_ranks(values, world_size):
+    """Raise DistributedError on every rank unless all ranks hold the same integers `values` ({name: int}),
+    e.g. the step a resume restored."""
+    if world_size == 1:
+        return
+    rank = _joined[0]
+    local = np.array(list(values.values()), np.int64)
+    rank0 = _ints_from_rank0(local, rank)
+    differs = _sum_over_ranks((rank0 != local).astype(np.float32)) > 0
+    if differs.any():
+        names = [name for name, flag in zip(values, differs) if flag]
+        theirs = ", ".join(f"{name}={value}" for name, value, flag in zip(values, rank0, differs) if flag)
+        mine = ", ".join(f"{name}={values[name]}" for name in names) if rank else "another rank differs"
+        raise DistributedError(
+            f"the ranks disagree on {', '.join(names)} (rank 0: {theirs}; rank {rank}: {mine}): they did not all "
+            "resume from the same checkpoint. Put ckpt_save_dir on storage every machine sees, or copy the "
+            "checkpoint to each")
+
+
+# Host-side plumbing. Measured on CPU: AllReduce sums float32 and float16 only (int32/int64 are rejected, float64
+# is silently summed in float32), and one 320 MB buffer broke the ring: send float32 chunks of 64 MB at most.
+_CHUNK = 16 * 1024 * 1024
+
+
+def _sum_over_ranks(array):
+    flat = np.ascontiguousarray(array, np.float32).ravel()
+    total = np.empty_like(flat)
     all_reduce = ops.AllReduce()
-    keep = get_rank() == 0
-    for param in params:
-        value = param.value() if keep else ops.zeros_like(param.value())
-        write_parameter(param, all_reduce(value))
+    for start in range(0, flat.size, _CHUNK):
+        total[start:start + _CHUNK] = all_reduce(ms.Tensor(flat[start:start + _CHUNK])).asnumpy()
+    return total.reshape(np.shape(array))
+
+
+def _floats_from_rank0(values, rank):
+    return _sum_over_ranks(values if rank == 0 else np.zeros_like(values, np.float32))
+
+
+def _ints_from_rank0(values, rank):
+    """Integers in int32's range, exactly: float32 sums integers exactly only below 2**24, so send the two 16-bit
+    halves of value + 2**31."""
+    shifted = np.asarray(values, np.int64) + 2 ** 31
+    if shifted.size and (shifted.min() < 0 or shifted.max() >= 2 ** 32):
+        raise DistributedError("integers to broadcast must fit in int32")
+    halves = _floats_from_rank0(np.stack([shifted >> 16, shifted & 0xFFFF]).astype(np.float32), rank)
+    halves = halves.astype(np.int64)
+    return (halves[0] << 16) + halves[1] - 2 ** 31
