@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mindspore as ms
 
-from replknet_fn import data, dist
+from replknet_fn import compile_cache, data, dist
 from replknet_fn.checkpoint import (CheckpointError, check_free_space, check_writable, find_resume_checkpoint,
                                     link_or_copy, restore_train_state, save_train_state, select_kept)
 from replknet_fn.config import Config, ConfigError, parse_config, save_config
@@ -183,6 +183,10 @@ def main(argv=None):
                                   "step": state.step}, world_size)
     train_step = make_train_step(state, config, all_reduce=dist.make_gradient_mean(world_size),
                                  net=forward_network(state.net, config.amp_level))
+    cache_dir = compile_cache.step_cache_dir(config, world_size) if config.jit else None
+    if cache_dir is not None:
+        log(f"train step compile cache: {cache_dir} ({'reused' if cache_dir.exists() else 'new: compiling'})")
+        train_step = compile_cache.with_compile_cache(train_step, cache_dir)
     eval_step = make_eval_step(forward_network(state.net, config.amp_level), config.jit)
     sum_across_ranks = dist.make_sum_across_ranks(world_size)
     meta = {"model": config.model, "build_args": state.net.build_args, "class_names": class_names,

@@ -30,6 +30,9 @@ def _options():
         "config": o("", "YAML file with any of these keys (command-line flags override it)"),
         "seed": o(42, "seed of data order, augmentation, initialization and drop path", low=0),
         "jit": o(True, "compile the train/eval steps with mindspore.jit (False: eager, for debugging)"),
+        "compile_cache_dir": o("auto", "reuse the compiled train step across runs (MindSpore compile cache) from "
+                                       "this directory; 'auto': $REPLKNET_FN_CACHE or ~/.cache/replknet_fn, "
+                                       "under compile_cache/; '': off"),
         "device_target": o("CPU", "MindSpore device", choices=["CPU", "GPU", "Ascend"]),
         "distribute": o(False, "data-parallel over the processes started by msrun or mpirun"),
         "resume": o("", "checkpoint to continue from, or 'auto' for the newest valid one in ckpt_save_dir"),

@@ -3,10 +3,15 @@
 `optimizer(grads, lr)` updates the parameters in place. The lr comes from the schedule on the host each step
 (see schedule.py), so there is no hidden step counter to drift after skipped steps. Each parameter carries a
 weight decay and an lr scale (layer-wise decay), fixed at construction.
+
+Each optimizer maps a per-parameter update over all parameters with `ops.HyperMap`: a Python loop over RepLKNet-31B's
+562 parameters exceeds MindSpore's call-depth limit under jit (see step.py).
 """
 import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.parameter import Parameter, ParameterTuple
+
+map_each = ops.HyperMap()
 
 
 def decays_weight(name, param, filter_bias_and_bn):
@@ -55,10 +60,9 @@ class AdamW(nn.Cell):
         self.exp_avg = self.parameters.clone(prefix="adamw.exp_avg", init="zeros")
         self.exp_avg_sq = self.parameters.clone(prefix="adamw.exp_avg_sq", init="zeros")
         self.steps = Parameter(ms.Tensor(0, ms.int32), name="adamw.steps", requires_grad=False)
-        self.weight_decays = tuple(weight_decays)
-        self.lr_scales = tuple(lr_scales)
+        self.weight_decays = tuple(float(decay) for decay in weight_decays)
+        self.lr_scales = tuple(float(scale) for scale in lr_scales)
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
-        self.fused_update = ops.AdamWeightDecay()
 
     def construct(self, grads, lr):
         steps = self.steps + 1
@@ -69,10 +73,18 @@ class AdamW(nn.Cell):
         step_size = lr * root_bias_correction2 / bias_correction1
         eps = self.eps * root_bias_correction2
         decay_factor = bias_correction1 / root_bias_correction2
-        for i in range(len(self.parameters)):
-            self.fused_update(self.parameters[i], self.exp_avg[i], self.exp_avg_sq[i], step_size * self.lr_scales[i],
-                              self.beta1, self.beta2, eps, self.weight_decays[i] * decay_factor, grads[i])
-        return steps
+        updates = map_each(ops.partial(adamw_update, self.beta1, self.beta2, step_size, eps, decay_factor),
+                           self.lr_scales, self.weight_decays, self.parameters, self.exp_avg, self.exp_avg_sq, grads)
+        return ops.depend(steps, updates)
+
+
+fused_adam_weight_decay = ops.AdamWeightDecay()
+
+
+def adamw_update(beta1, beta2, step_size, eps, decay_factor, lr_scale, weight_decay, param, exp_avg, exp_avg_sq,
+                 grad):
+    return fused_adam_weight_decay(param, exp_avg, exp_avg_sq, step_size * lr_scale, beta1, beta2, eps,
+                                   weight_decay * decay_factor, grad)
 
 
 class SGD(nn.Cell):
@@ -83,21 +95,25 @@ class SGD(nn.Cell):
         self.parameters = ParameterTuple(params)
         self.momentum_buffers = self.parameters.clone(prefix="sgd.momentum", init="zeros")
         self.steps = Parameter(ms.Tensor(0, ms.int32), name="sgd.steps", requires_grad=False)
-        self.weight_decays, self.lr_scales = tuple(weight_decays), tuple(lr_scales)
+        self.weight_decays = tuple(float(decay) for decay in weight_decays)
+        self.lr_scales = tuple(float(scale) for scale in lr_scales)
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
 
     def construct(self, grads, lr):
         # torch initialises the buffer with the first gradient; from zeros, momentum * 0 + g is the same.
         steps = self.steps + 1
         ops.assign(self.steps, steps)
-        for i in range(len(self.parameters)):
-            param, buffer = self.parameters[i], self.momentum_buffers[i]
-            grad = grads[i] + self.weight_decays[i] * param
-            new_buffer = self.momentum * buffer + grad
-            ops.assign(buffer, new_buffer)
-            update = grad + self.momentum * new_buffer if self.nesterov else new_buffer
-            ops.assign(param, param - lr * self.lr_scales[i] * update)
-        return steps
+        updates = map_each(ops.partial(sgd_update, self.momentum, self.nesterov, lr), self.lr_scales,
+                           self.weight_decays, self.parameters, self.momentum_buffers, grads)
+        return ops.depend(steps, updates)
+
+
+def sgd_update(momentum, nesterov, lr, lr_scale, weight_decay, param, buffer, grad):
+    grad = grad + weight_decay * param
+    new_buffer = momentum * buffer + grad
+    ops.assign(buffer, new_buffer)
+    update = grad + momentum * new_buffer if nesterov else new_buffer
+    return ops.assign(param, param - lr * lr_scale * update)
 
 
 class Lion(nn.Cell):
@@ -108,19 +124,23 @@ class Lion(nn.Cell):
         self.parameters = ParameterTuple(params)
         self.exp_avg = self.parameters.clone(prefix="lion.exp_avg", init="zeros")
         self.steps = Parameter(ms.Tensor(0, ms.int32), name="lion.steps", requires_grad=False)
-        self.weight_decays, self.lr_scales = tuple(weight_decays), tuple(lr_scales)
+        self.weight_decays = tuple(float(decay) for decay in weight_decays)
+        self.lr_scales = tuple(float(scale) for scale in lr_scales)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
 
     def construct(self, grads, lr):
         steps = self.steps + 1
         ops.assign(self.steps, steps)
-        for i in range(len(self.parameters)):
-            param, exp_avg, grad = self.parameters[i], self.exp_avg[i], grads[i]
-            group_lr = lr * self.lr_scales[i]
-            update = ops.sign(self.beta1 * exp_avg + (1.0 - self.beta1) * grad)
-            ops.assign(param, param * (1.0 - group_lr * self.weight_decays[i]) - group_lr * update)
-            ops.assign(exp_avg, self.beta2 * exp_avg + (1.0 - self.beta2) * grad)
-        return steps
+        updates = map_each(ops.partial(lion_update, self.beta1, self.beta2, lr), self.lr_scales, self.weight_decays,
+                           self.parameters, self.exp_avg, grads)
+        return ops.depend(steps, updates)
+
+
+def lion_update(beta1, beta2, lr, lr_scale, weight_decay, param, exp_avg, grad):
+    group_lr = lr * lr_scale
+    update = ops.sign(beta1 * exp_avg + (1.0 - beta1) * grad)
+    ops.assign(param, param * (1.0 - group_lr * weight_decay) - group_lr * update)
+    return ops.assign(exp_avg, beta2 * exp_avg + (1.0 - beta2) * grad)
 
 
 def create_optimizer(net, config):

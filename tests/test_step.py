@@ -242,3 +242,12 @@ def test_mixed_precision_o2_step_trains_with_fp32_loss():
     losses = [float(step(images, targets, ms.Tensor(3e-3, ms.float32))[0].asnumpy()) for _ in range(8)]
     assert losses[-1] < 0.8 * losses[0]
     assert state.net.trainable_params()[0].dtype == ms.float32  # master weights stay fp32
+
+
+def test_compiling_the_step_keeps_parameter_names():
+    config = tiny_config(jit=True)
+    state = tiny_state(config, ema=True)
+    names = sorted(state.parameters())
+    make_train_step(state, config)
+    assert sorted(state.parameters()) == names
+    assert all(param.name == name for name, param in state.net.parameters_and_names())
