@@ -198,6 +198,11 @@ def mean_across_ranks(value, world_size):
     return float(_sum_over_ranks(np.array([value], np.float32))[0]) / world_size
 
 
+def barrier(world_size):
+    """Return once every rank has called it (an all-reduce of one number: comm_func.barrier fails on CPU)."""
+    mean_across_ranks(0.0, world_size)
+
+
 def broadcast_parameters(params, world_size):
     """Make every rank hold rank 0's values, bit for bit: float parameters travel as float32 (others add zeros:
     x + 0 is exact), integer ones (step counters, seeds) as 16-bit halves. Host buffers, 64 MB per all-reduce."""
