@@ -154,6 +154,56 @@ def save_epoch_checkpoints(state, config, meta, metrics, log):
         log(f"new best top-1 {top1:.2f}% at epoch {state.epoch}")
 
 
+def run_train_step(train_step, state, config, images, targets, lr):
+    """One optimizer step on a loaded batch, with this step's drop-path seed and lr; counts it in `state`."""
+    set_drop_path_seed(state.net, config.seed * 1000003 + state.step)
+    loss, grad_norm, finite, loss_scale = train_step(ms.Tensor(images), ms.Tensor(targets), ms.Tensor(lr, ms.float32))
+    state.step += 1
+    state.batch_in_epoch += 1
+    return float(loss.asnumpy()), float(grad_norm.asnumpy()), bool(finite.asnumpy()), float(loss_scale.asnumpy())
+
+
+def record_skips(state, finite, loss_scale, config, log):
+    """Count a skipped (non-finite) step; stop the run after `max_consecutive_skips` in a row."""
+    if finite:
+        state.consecutive_skips = 0
+        return
+    state.skipped_steps += 1
+    state.consecutive_skips += 1
+    log(f"epoch {state.epoch + 1} step {state.batch_in_epoch}: non-finite gradients, update skipped, loss scale "
+        f"now {loss_scale:g}")
+    if state.consecutive_skips >= config.max_consecutive_skips:
+        raise TrainingDiverged(
+            f"{state.consecutive_skips} consecutive steps had non-finite loss or gradients (limit "
+            f"max_consecutive_skips={config.max_consecutive_skips}); stopping. The last good checkpoint is "
+            f"{Path(config.ckpt_save_dir) / (config.model + '-last.ckpt')}; lower lr or check the data")
+
+
+class ProgressWindow:
+    """Loss and time over the steps since the last progress line."""
+
+    def __init__(self):
+        self.start, self.steps, self.loss_sum = time.time(), 0, 0.0
+
+    def add(self, loss, finite):
+        if finite:
+            self.steps += 1
+            self.loss_sum += loss
+
+
+def log_progress(log, window, state, config, steps_per_epoch, total_steps, world_size, lr, grad_norm, loss_scale):
+    elapsed = time.time() - window.start
+    steps = max(window.steps, 1)
+    images_per_second = config.batch_size * config.accumulation_steps * world_size * steps / max(elapsed, 1e-9)
+    eta = elapsed / steps * (total_steps - state.step)
+    mean_loss = dist.mean_across_ranks(window.loss_sum / steps, world_size)
+    log(f"epoch {state.epoch + 1}/{config.epoch_size} step {state.batch_in_epoch}/{steps_per_epoch} "
+        f"loss {mean_loss:.4f} lr {lr:.3g} loss_scale {loss_scale:g} grad_norm {grad_norm:.3f} "
+        f"{images_per_second:.1f} img/s ETA {format_duration(eta)}")
+    log.scalars(state.step, **{"train/loss": mean_loss, "train/lr": lr, "train/loss_scale": loss_scale,
+                               "train/grad_norm": grad_norm, "train/images_per_second": images_per_second})
+
+
 def main(argv=None):
     config = parse_config(argv, default_config=DEMO_CONFIG, description=__doc__.splitlines()[0])
     rank, world_size = dist.init_distributed(config.distribute)
@@ -203,48 +253,18 @@ def main(argv=None):
     while state.epoch < config.epoch_size:
         epoch = state.epoch
         state.net.set_train(True)
-        window_start, window_steps, window_loss = time.time(), 0, 0.0
+        window = ProgressWindow()
         batches = data.train_batches(train_samples, len(class_names), data_config, epoch, rank, world_size,
                                      start_batch=state.batch_in_epoch, stats=stats)
         for images, targets in batches:
-            set_drop_path_seed(state.net, config.seed * 1000003 + state.step)
             lr = lr_at(state.step)
-            loss, grad_norm, finite, loss_scale = train_step(ms.Tensor(images), ms.Tensor(targets),
-                                                             ms.Tensor(lr, ms.float32))
-            state.step += 1
-            state.batch_in_epoch += 1
-            loss, finite = float(loss.asnumpy()), bool(finite.asnumpy())
-            if finite:
-                state.consecutive_skips = 0
-                window_loss += loss
-                window_steps += 1
-            else:
-                state.skipped_steps += 1
-                state.consecutive_skips += 1
-                log(f"epoch {epoch + 1} step {state.batch_in_epoch}: non-finite gradients, update skipped, "
-                    f"loss scale now {float(loss_scale.asnumpy()):g}")
-                if state.consecutive_skips >= config.max_consecutive_skips:
-                    raise TrainingDiverged(
-                        f"{state.consecutive_skips} consecutive steps had non-finite loss or gradients (limit "
-                        f"max_consecutive_skips={config.max_consecutive_skips}); stopping. The last good "
-                        f"checkpoint is {Path(config.ckpt_save_dir) / (config.model + '-last.ckpt')}; "
-                        "lower lr or check the data")
+            loss, grad_norm, finite, loss_scale = run_train_step(train_step, state, config, images, targets, lr)
+            record_skips(state, finite, loss_scale, config, log)
+            window.add(loss, finite)
             if state.batch_in_epoch % config.log_interval == 0 or state.batch_in_epoch == steps_per_epoch:
-                elapsed = time.time() - window_start
-                images_per_second = (config.batch_size * config.accumulation_steps * world_size *
-                                     (window_steps or 1) / max(elapsed, 1e-9))
-                seconds_per_step = elapsed / max(window_steps, 1)
-                eta = seconds_per_step * (total_steps - state.step)
-                mean_loss = dist.mean_across_ranks(window_loss / max(window_steps, 1), world_size)
-                log(f"epoch {epoch + 1}/{config.epoch_size} step {state.batch_in_epoch}/{steps_per_epoch} "
-                    f"loss {mean_loss:.4f} lr {lr:.3g} loss_scale {float(loss_scale.asnumpy()):g} "
-                    f"grad_norm {float(grad_norm.asnumpy()):.3f} {images_per_second:.1f} img/s "
-                    f"ETA {format_duration(eta)}")
-                log.scalars(state.step, **{"train/loss": mean_loss, "train/lr": lr,
-                                           "train/loss_scale": float(loss_scale.asnumpy()),
-                                           "train/grad_norm": float(grad_norm.asnumpy()),
-                                           "train/images_per_second": images_per_second})
-                window_start, window_steps, window_loss = time.time(), 0, 0.0
+                log_progress(log, window, state, config, steps_per_epoch, total_steps, world_size, lr, grad_norm,
+                             loss_scale)
+                window = ProgressWindow()
             if config.ckpt_save_steps and state.step % config.ckpt_save_steps == 0 and rank == 0 \
                     and state.batch_in_epoch < steps_per_epoch:
                 save_train_state(state, Path(config.ckpt_save_dir) / f"{config.model}-last.ckpt", meta)
