@@ -44,8 +44,9 @@ def cpu_description():
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_library():
-    """Path of the compiled kernel library, built on first use, or None (after one warning) if it cannot be.
+def compiled_library(source=SOURCE, fallback="large depthwise convs fall back to the native MindSpore conv"):
+    """Path of the library compiled from `source` (a file in csrc/), built on first use, or None (after one
+    warning that ends with `fallback`) if it cannot be.
 
     The file name is a hash of the source, the compiler, its flags and the CPU, so an edit, another compiler or
     another machine sharing the cache gets its own build. The build writes a temporary file and renames it, so
@@ -53,13 +54,12 @@ def compiled_library():
     names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++"]
     compiler = next((shutil.which(name) for name in names if shutil.which(name)), None)
     if compiler is None:
-        warnings.warn(f"no C++ compiler found ({' or '.join(names)}; set CXX or install g++): large depthwise "
-                      f"convs fall back to the native MindSpore conv")
+        warnings.warn(f"no C++ compiler found ({' or '.join(names)}; set CXX or install g++): {fallback}")
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, " ".join(COMPILE_FLAGS),
+    key = hashlib.sha256("\n".join([source.read_text(), compiler, version, " ".join(COMPILE_FLAGS),
                                     cpu_description()]).encode()).hexdigest()[:16]
-    library = cache_dir() / f"dwconv-{key}.so"
+    library = cache_dir() / f"{source.stem}-{key}.so"
     if library.exists():
         return library
     try:
@@ -67,15 +67,13 @@ def compiled_library():
         handle, temporary = tempfile.mkstemp(dir=library.parent, prefix=library.stem, suffix=".tmp")
         os.close(handle)
     except OSError as error:
-        warnings.warn(f"cannot write the kernel cache ({error}; set REPLKNET_FN_CACHE): large depthwise convs "
-                      f"fall back to the native MindSpore conv")
+        warnings.warn(f"cannot write the kernel cache ({error}; set REPLKNET_FN_CACHE): {fallback}")
         return None
-    result = subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", temporary], capture_output=True,
+    result = subprocess.run([compiler, *COMPILE_FLAGS, str(source), "-o", temporary], capture_output=True,
                             text=True)
     if result.returncode != 0:
         os.unlink(temporary)
-        warnings.warn(f"building {SOURCE.name} with {compiler} failed, large depthwise convs fall back to the "
-                      f"native MindSpore conv:\n{result.stderr[-2000:]}")
+        warnings.warn(f"building {source.name} with {compiler} failed, {fallback}:\n{result.stderr[-2000:]}")
         return None
     os.chmod(temporary, 0o755)  # mkstemp's 0600 would hide a shared cache's build from other users
     os.replace(temporary, library)

@@ -11,6 +11,8 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.parameter import Parameter, ParameterTuple
 
+from replknet_fn import pointwise
+
 map_each = ops.HyperMap()
 
 
@@ -47,11 +49,13 @@ def parameter_groups(net, config):
 
 
 class AdamW(nn.Cell):
-    """torch.optim.AdamW (decoupled decay, bias correction), through MindSpore's fused CPU kernel.
+    """torch.optim.AdamW (decoupled decay, bias correction).
 
-    The fused `AdamWeightDecay` kernel computes p -= a * (m / (sqrt(v) + e) + d * p) without bias correction;
-    torch's update p -= lr * wd * p + lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps) is the same with
-    a = lr * sqrt(bc2) / bc1, e = eps * sqrt(bc2) and d = wd * bc1 / sqrt(bc2).
+    float32 parameters are updated in place by the one-pass kernel of pointwise.py (torch's formula, written out
+    in csrc/pointwise.cc). Without it (no C++ compiler), by MindSpore's fused `AdamWeightDecay` kernel, which
+    computes p -= a * (m / (sqrt(v) + e) + d * p) without bias correction; torch's update
+    p -= lr * wd * p + lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps) is the same with a = lr * sqrt(bc2) / bc1,
+    e = eps * sqrt(bc2) and d = wd * bc1 / sqrt(bc2).
     """
 
     def __init__(self, params, weight_decays, lr_scales, betas=(0.9, 0.999), eps=1e-8):
@@ -63,26 +67,39 @@ class AdamW(nn.Cell):
         self.weight_decays = tuple(float(decay) for decay in weight_decays)
         self.lr_scales = tuple(float(scale) for scale in lr_scales)
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
+        kernel = pointwise.adamw_op()
+        self.kernel = kernel if all(param.dtype == ms.float32 for param in params) else None
+        # The kernel's per-parameter constants, as graph constants.
+        self.kernel_hypers = tuple(ms.Tensor([scale, decay, self.beta1, self.beta2, self.eps], ms.float32)
+                                   for scale, decay in zip(self.lr_scales, self.weight_decays))
 
     def construct(self, grads, lr):
         steps = self.steps + 1
         ops.assign(self.steps, steps)
         count = steps.astype(ms.float32)
+        if self.kernel is not None:
+            updates = map_each(ops.partial(adamw_kernel_update, self.kernel, ops.stack([lr, count])),
+                               self.kernel_hypers, self.parameters, self.exp_avg, self.exp_avg_sq, grads)
+            return ops.depend(steps, updates)
         bias_correction1 = 1.0 - ops.pow(self.beta1, count)
         root_bias_correction2 = ops.sqrt(1.0 - ops.pow(self.beta2, count))
         step_size = lr * root_bias_correction2 / bias_correction1
         eps = self.eps * root_bias_correction2
         decay_factor = bias_correction1 / root_bias_correction2
-        updates = map_each(ops.partial(adamw_update, self.beta1, self.beta2, step_size, eps, decay_factor),
+        updates = map_each(ops.partial(adamw_fused_update, self.beta1, self.beta2, step_size, eps, decay_factor),
                            self.lr_scales, self.weight_decays, self.parameters, self.exp_avg, self.exp_avg_sq, grads)
         return ops.depend(steps, updates)
+
+
+def adamw_kernel_update(kernel, step_hyper, param_hyper, param, exp_avg, exp_avg_sq, grad):
+    return kernel(param, exp_avg, exp_avg_sq, grad, step_hyper, param_hyper)
 
 
 fused_adam_weight_decay = ops.AdamWeightDecay()
 
 
-def adamw_update(beta1, beta2, step_size, eps, decay_factor, lr_scale, weight_decay, param, exp_avg, exp_avg_sq,
-                 grad):
+def adamw_fused_update(beta1, beta2, step_size, eps, decay_factor, lr_scale, weight_decay, param, exp_avg,
+                       exp_avg_sq, grad):
     return fused_adam_weight_decay(param, exp_avg, exp_avg_sq, step_size * lr_scale, beta1, beta2, eps,
                                    weight_decay * decay_factor, grad)
 

@@ -1,4 +1,6 @@
 """The network computes what the official PyTorch RepLKNet computes (../shared/reference/README.md)."""
+import math
+
 import mindspore as ms
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ from mindspore import ops
 from conftest import relative_error
 from replknet_fn import MODELS, build_replknet, replknet_tiny
 from replknet_fn.convert import load_official_state_dict, official_key
+from replknet_fn.model import GELU
 from replknet_fn.reparam import reparameterize
 
 EVAL_TOLERANCE = 1e-5
@@ -146,3 +149,20 @@ def test_recompute_gives_the_same_gradients(official_state_dict, fixture):
     _, _, actual = train_step_outputs(recomputed, fixture)
     for name in expected:
         np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["compiled", "mindspore"])
+def test_gelu_is_the_exact_erf_form_forward_and_backward(kernel):
+    gelu = GELU()
+    if not kernel:
+        gelu.kernel = None
+    x = np.linspace(-8, 8, 20001).astype(np.float32)
+    exact_x = x.astype(np.float64)
+    cdf = 0.5 * (1 + np.vectorize(math.erf)(exact_x / math.sqrt(2)))
+    pdf = np.exp(-0.5 * exact_x ** 2) / math.sqrt(2 * math.pi)
+    value, grad = ms.value_and_grad(lambda t: gelu(t).sum())(ms.Tensor(x))
+    np.testing.assert_allclose(gelu(ms.Tensor(x)).asnumpy(), exact_x * cdf, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(grad.asnumpy(), cdf + exact_x * pdf, rtol=0, atol=1e-6)
+    # The tanh approximation (MindSpore's default GELU) is 100x further off: this tolerance tells them apart.
+    tanh_form = 0.5 * exact_x * (1 + np.tanh(math.sqrt(2 / math.pi) * (exact_x + 0.044715 * exact_x ** 3)))
+    assert np.abs(tanh_form - exact_x * cdf).max() > 1e-4
