@@ -1,14 +1,18 @@
-"""Speed against the native MindSpore convolution, both measured in the same run.
+"""Speed of the large-kernel convolution and of the whole training step, measured in one run each.
 
     python -m replknet_fn.bench dwconv [--batch_size 8] [--repeat 3] [--impls direct auto] [--shape 31,56,128]
     python -m replknet_fn.bench step [--model replknet31_base] [--image_size 224] [--batch_size 4] [--repeat 3]
-                                     [--large_kernel_impl auto]
+                                     [--large_kernel_impl auto] [--compile_cache_dir DIR] [--skip_large_kernels_1]
 
-`dwconv` times the large depthwise conv alone, forward and forward+backward (input and weight gradients), jitted,
-at the RepLKNet-31B stage shapes (kernel, map size, channels at 224 input) or at the `--shape`s given. `step`
-times a whole jitted training step (forward, cross-entropy, gradients, AdamW update) and the deploy network's
-inference (`reparameterize`), with the model's large kernels computed by each implementation. Every subcommand
-prints a table and then ONE JSON line with the median times (seconds) and the ratios native / impl.
+`dwconv` times the large depthwise conv alone against the native MindSpore conv, forward and forward+backward
+(input and weight gradients), jitted, at the RepLKNet-31B stage shapes (kernel, map size, channels at 224 input)
+or at the `--shape`s given. `step` builds the project's real train step (step.make_train_step on a TrainState,
+with the training defaults of config.py) and reports the time from build to the first step done (compilation
+included) and from process start; then, interleaved: the steady train step, the part after the gradients alone
+(unscale, global norm, clip, AdamW, loss-scale update), the eval-mode forward and the deploy network's inference
+(`reparameterize`), each per `--large_kernel_impl`; and the train step and eval forward of the same network with
+every large kernel set to 1, whose difference to the full step is the large-kernel convs' share. Every
+subcommand prints a table and then ONE JSON line with the median times in seconds.
 
 The machine is shared and noisy: repetitions of all implementations are interleaved, so a slow spell hits them
 alike, and medians are reported. Add a benchmark as a function `run_<name>(args)` plus an `add_<name>_parser`
@@ -16,15 +20,23 @@ registered in `build_parser`.
 """
 import argparse
 import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import mindspore as ms
+from mindspore import ops
+from mindspore.common.parameter import ParameterTuple
 
-from replknet_fn import dwconv
-from replknet_fn.model import MODELS, create_model
+from replknet_fn import compile_cache, dwconv
+from replknet_fn.config import DEFAULTS, Config
+from replknet_fn.model import MODELS, build_replknet, create_model
+from replknet_fn.optim import create_optimizer
 from replknet_fn.reparam import reparameterize
+from replknet_fn.step import make_train_step
+from replknet_fn.train_state import EMA, TrainState, create_loss_scale
 
 # (kernel size, map height = width, channels) of RepLKNet-31B's four stages at 224x224 input.
 STAGE_SHAPES = ((31, 56, 128), (29, 28, 256), (27, 14, 512), (13, 7, 1024))
@@ -134,76 +146,173 @@ def add_dwconv_parser(subparsers):
     parser.set_defaults(run=run_dwconv)
 
 
-def step_functions(impl, args):
-    """A jitted train step and a jitted deploy forward of `args.model` using `impl`, as no-argument callables."""
-    rng = np.random.default_rng(0)
-    images = ms.Tensor(rng.standard_normal((args.batch_size, 3, args.image_size, args.image_size)).astype(np.float32))
-    net = create_model(args.model, large_kernel_impl=impl)
-    labels = ms.Tensor(rng.integers(0, net.head.weight.shape[0], args.batch_size).astype(np.int32))
+def process_age():
+    """Seconds since this process started (Linux: /proc), or None."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def step_config(args, impl):
+    """The training defaults (config.py), with the benchmark's model, input size, batch and implementation."""
+    return Config(DEFAULTS, model=args.model, image_resize=args.image_size, batch_size=args.batch_size,
+                  large_kernel_impl=impl, compile_cache_dir=args.compile_cache_dir)
+
+
+def train_state(net, config):
     net.set_train(True)
-    params = net.trainable_params()
-    # The official recipe's optimizer (AdamW); its cost does not depend on the conv implementation.
-    optimizer = ms.nn.AdamWeightDecay(params, learning_rate=1e-4, weight_decay=0.05)
+    return TrainState(net, create_optimizer(net, config), create_loss_scale(config),
+                      EMA(net, config.ema_decay) if config.ema else None)
 
-    def loss_fn(images, labels):
-        return ms.ops.cross_entropy(net(images), labels)
 
-    grad_fn = ms.value_and_grad(loss_fn, None, params)
+def example_batch(args, num_classes):
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((args.batch_size, 3, args.image_size, args.image_size)).astype(np.float32)
+    targets = np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, args.batch_size)]
+    return ms.Tensor(images), ms.Tensor(targets), ms.Tensor(1e-4, ms.float32)
 
+
+def stored_gradients(params):
+    """A replacement gradient stage returning fixed (random) gradients, so that a step built with it times
+    everything after the gradients: unscale, global norm, finite check, clip, optimizer, loss-scale update."""
+    grads = ParameterTuple(params).clone(prefix="bench_gradients", init="normal")
+
+    def gradients(grad_fn, images, targets, scale, accumulation_steps):
+        return ops.zeros((), ms.float32), tuple(grads)
+
+    return gradients
+
+
+def jitted_forward(net):
     @ms.jit
-    def train_step(images, labels):
-        loss, grads = grad_fn(images, labels)
-        optimizer(grads)
-        return loss
+    def forward(images):
+        return net(images)
 
-    deploy = reparameterize(net)
+    return forward
 
-    @ms.jit
-    def deploy_forward(images):
-        return deploy(images)
 
-    def run_train_step():
-        return train_step(images, labels)
+def first_step(impl, args):
+    """Build the model and the project's real train step (train_with_func.py's, with the config defaults) and run it
+    once; returns the step and the seconds from build to the first step done (compilation included)."""
+    start = time.perf_counter()
+    config = step_config(args, impl)
+    net = create_model(config.model, num_classes=config.num_classes, drop_path_rate=config.drop_path_rate,
+                       large_kernel_impl=impl)
+    state = train_state(net, config)
+    train_step = make_train_step(state, config)
+    cache_dir = compile_cache.step_cache_dir(config, world_size=1)
+    cache = "off" if cache_dir is None else ("reused" if cache_dir.exists() else "filled")
+    if cache_dir is not None:
+        train_step = compile_cache.with_compile_cache(train_step, cache_dir)
+    batch = example_batch(args, config.num_classes)
+    wait(train_step(*batch))
+    return state, config, train_step, batch, time.perf_counter() - start, cache
 
-    def run_deploy():
-        return deploy_forward(images)
 
-    return {"train_step": run_train_step, "deploy_inference": run_deploy}
+def step_functions(state, config, train_step, batch):
+    """No-argument callables: the train step, optimizer and clip alone, eval-mode forward, deploy inference."""
+    net = state.net
+    rest_of_step = make_train_step(state, config, gradients=stored_gradients(state.optimizer.parameters))
+    eval_net = build_replknet(**net.build_args)
+    eval_net.set_train(False)
+    eval_forward, deploy_forward = jitted_forward(eval_net), jitted_forward(reparameterize(net))
+    images = batch[0]
+    functions = {"train_step": lambda: train_step(*batch), "optimizer_and_clip": lambda: rest_of_step(*batch),
+                 "eval_forward": lambda: eval_forward(images), "deploy_inference": lambda: deploy_forward(images)}
+    return functions
+
+
+def large_kernels_1_functions(args, config):
+    """The same network with every large (and small) kernel 1x1: its train step and eval forward time the rest."""
+    build_args = dict(create_model(config.model, num_classes=config.num_classes).build_args)
+    small_kernel = None if build_args["small_kernel"] is None else 1
+    build_args.update(large_kernel_sizes=[1] * len(build_args["layers"]), small_kernel=small_kernel,
+                      drop_path_rate=config.drop_path_rate)
+    state = train_state(build_replknet(**build_args), config)
+    train_step = make_train_step(state, config)
+    eval_net = build_replknet(**build_args)
+    eval_net.set_train(False)
+    eval_forward = jitted_forward(eval_net)
+    batch = example_batch(args, config.num_classes)
+    return {"train_step": lambda: train_step(*batch), "eval_forward": lambda: eval_forward(batch[0])}
+
+
+STEP_PARTS = ("train_step", "optimizer_and_clip", "eval_forward", "deploy_inference")
+K1 = "large_kernels_1"
 
 
 def run_step(args):
-    impls = ["native"] + [impl for impl in args.large_kernel_impl if impl != "native"]
-    functions = {}
+    load_before = os.getloadavg()
+    impls = list(dict.fromkeys(args.large_kernel_impl))
+    functions, first, cache = {}, {}, {}
     for impl in impls:
-        for mode, function in step_functions(impl, args).items():
-            functions[(impl, mode)] = function
+        state, config, train_step, batch, first[impl], cache[impl] = first_step(impl, args)
+        if impl == impls[0]:
+            process_to_first_step = process_age()
+        for part, function in step_functions(state, config, train_step, batch).items():
+            functions[(impl, part)] = function
+    if not args.skip_large_kernels_1:
+        for part, function in large_kernels_1_functions(args, step_config(args, impls[0])).items():
+            functions[(K1, part)] = function
     medians = interleaved_medians(functions, args.repeat)
-    modes = ("train_step", "deploy_inference")
-    result = {"bench": "step", "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
-              "repeat": args.repeat,
-              "seconds": {impl: {mode: medians[(impl, mode)] for mode in modes} for impl in impls},
-              "speedup": {impl: {mode: medians[("native", mode)] / medians[(impl, mode)] for mode in modes}
-                          for impl in impls[1:]}}
-    print(f"{args.model} @{args.image_size}, batch {args.batch_size}: median seconds (speedup vs native)")
-    print(f"{'large_kernel_impl':<20}{'train step':>22}{'deploy inference':>22}")
+    seconds = {}
+    for (variant, part), value in medians.items():
+        seconds.setdefault(variant, {})[part] = value
     for impl in impls:
-        cells = []
-        for mode in modes:
-            ratio = f" ({result['speedup'][impl][mode]:.1f}x)" if impl != "native" else ""
-            cells.append(f"{result['seconds'][impl][mode]:.2f}{ratio}")
-        print(f"{impl:<20}" + "".join(f"{cell:>22}" for cell in cells))
+        seconds[impl]["first_step"] = first[impl]
+        seconds[impl]["compile_estimate"] = first[impl] - seconds[impl]["train_step"]
+    result = {"bench": "step", "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
+              "repeat": args.repeat, "process_to_first_step": process_to_first_step, "compile_cache": cache,
+              "seconds": seconds,
+              "images_per_second": {variant: args.batch_size / values["train_step"] for variant, values in
+                                    seconds.items()},
+              "load_average": {"before": [round(value, 2) for value in load_before],
+                               "after": [round(value, 2) for value in os.getloadavg()]}}
+    if K1 in seconds:
+        result["large_kernel_seconds"] = {impl: seconds[impl]["train_step"] - seconds[K1]["train_step"]
+                                          for impl in impls}
+    print_step_table(result, impls)
     print(json.dumps(result))
 
 
+def print_step_table(result, impls):
+    seconds = result["seconds"]
+    load = result["load_average"]
+    print(f"{result['model']} @{result['image_size']}, batch {result['batch_size']}: median seconds of "
+          f"{result['repeat']} interleaved runs; load average {load['before'][0]:.1f} before, "
+          f"{load['after'][0]:.1f} after")
+    variants = impls + [K1] * (K1 in seconds)
+    print(f"{'':<22}" + "".join(f"{variant:>18}" for variant in variants))
+    rows = ["first_step", "compile_estimate"] + list(STEP_PARTS)
+    for row in rows:
+        cells = [f"{seconds[variant][row]:.2f}" if row in seconds[variant] else "-" for variant in variants]
+        print(f"{row:<22}" + "".join(f"{cell:>18}" for cell in cells))
+    cells = [f"{result['images_per_second'][variant]:.2f}" for variant in variants]
+    print(f"{'images/s (train)':<22}" + "".join(f"{cell:>18}" for cell in cells))
+    if "large_kernel_seconds" in result:
+        cells = [f"{result['large_kernel_seconds'][impl]:.2f}" for impl in impls]
+        print(f"{'large kernels (train)':<22}" + "".join(f"{cell:>18}" for cell in cells))
+    age = result["process_to_first_step"]
+    print(f"process start -> first {impls[0]} step done: {age:.1f} s; compile cache: {result['compile_cache']}"
+          if age is not None else f"compile cache: {result['compile_cache']}")
+
+
 def add_step_parser(subparsers):
-    parser = subparsers.add_parser("step", help="a whole training step and deploy inference, per implementation")
+    parser = subparsers.add_parser("step", help="the real training step and its parts, eval and deploy forward")
     parser.add_argument("--model", default="replknet31_base", choices=sorted(MODELS))
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median reported)")
-    parser.add_argument("--large_kernel_impl", nargs="+", default=["auto"],
-                        choices=[impl for impl in dwconv.IMPLEMENTATIONS if impl != "native"],
-                        help="implementations compared with native")
+    parser.add_argument("--large_kernel_impl", nargs="+", default=["auto"], choices=list(dwconv.IMPLEMENTATIONS),
+                        help="depthwise conv implementations to time (each builds its own model)")
+    parser.add_argument("--compile_cache_dir", default="",
+                        help="as in training: reuse/fill the compiled step there ('auto': the training default); "
+                             "'' (default): off, so first_step is a cold compile")
+    parser.add_argument("--skip_large_kernels_1", action="store_true",
+                        help="do not time the model with every large kernel set to 1 (saves its compile)")
     parser.set_defaults(run=run_step)
 
 
