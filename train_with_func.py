@@ -231,7 +231,8 @@ def main(argv=None):
     dist.broadcast_parameters(list(state.parameters().values()), world_size)
     dist.check_same_on_all_ranks({"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
                                   "step": state.step}, world_size)
-    train_step = make_train_step(state, config, all_reduce=dist.make_gradient_mean(world_size),
+    train_step = make_train_step(state, config,
+                                 all_reduce=dist.make_gradient_mean(world_size, state.optimizer.parameters),
                                  net=forward_network(state.net, config.amp_level))
     cache_dir = compile_cache.step_cache_dir(config, world_size) if config.jit else None
     if cache_dir is not None:

@@ -114,7 +114,8 @@ def run_worker(job_path):
     import validate_with_func
     from replknet_fn import dist
     rank, world_size = dist.init_distributed(True)
-    result = {"broadcast": broadcast_probe(rank, world_size), "disagreement": disagreement_probe(rank, world_size)}
+    result = {"broadcast": broadcast_probe(rank, world_size), "disagreement": disagreement_probe(rank, world_size),
+              "gradient_mean": gradient_mean_probe(rank, world_size)}
     train_with_func.create_model = with_frozen_batch_norm(train_with_func.create_model)
     state, _ = train_with_func.main(job["train"] + ["--distribute", "True"])
     np.savez(out / f"weights_rank{rank}.npz", **{name: param.asnumpy() for name, param in
@@ -136,6 +137,22 @@ def broadcast_probe(rank, world_size):
     expected_floats = np.random.default_rng(0).standard_normal(5).astype(np.float32)
     return (np.array_equal(params[0].asnumpy(), expected_floats)
             and np.array_equal(params[1].asnumpy(), [-2 ** 31, 2 ** 31 - 1, 123456789]))
+
+
+def gradient_mean_probe(rank, world_size):
+    """Whether the jitted per-tensor and bucketed (3 buckets here) gradient means both equal the exact mean."""
+    import mindspore as ms
+    from mindspore import Parameter
+    from replknet_fn import dist
+    shapes = [(3, 4), (5,), (2, 2, 2), (7,), (1,)]
+    params = [Parameter(ms.Tensor(np.zeros(shape, np.float32)), name=f"probe.p{i}") for i, shape in enumerate(shapes)]
+    grads = [np.random.default_rng([r, i]).standard_normal(shape).astype(np.float32) for r in range(world_size)
+             for i, shape in enumerate(shapes)]
+    mine = tuple(ms.Tensor(grad) for grad in grads[rank * len(shapes):(rank + 1) * len(shapes)])
+    expected = [(grads[i] + grads[len(shapes) + i]) * np.float32(0.5) for i in range(len(shapes))]
+    means = [ms.jit(dist.make_gradient_mean(world_size))(mine),
+             ms.jit(dist.make_gradient_mean(world_size, params, bucket_bytes=64))(mine)]
+    return [all(np.array_equal(m.asnumpy(), e) for m, e in zip(mean, expected)) for mean in means]
 
 
 def disagreement_probe(rank, world_size):
@@ -200,6 +217,11 @@ def test_distributed_validation_of_an_odd_val_set_counts_every_image_once(two_ra
 def test_broadcast_gives_every_rank_rank_0s_values_bit_for_bit(two_rank_job):
     for rank in (0, 1):
         assert json.loads((two_rank_job / f"result_rank{rank}.json").read_text())["broadcast"] is True
+
+
+def test_gradient_mean_per_tensor_and_in_buckets_is_the_exact_mean(two_rank_job):
+    for rank in (0, 1):
+        assert json.loads((two_rank_job / f"result_rank{rank}.json").read_text())["gradient_mean"] == [True, True]
 
 
 def test_ranks_that_resumed_at_different_steps_all_stop_naming_the_field(two_rank_job):
