@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import mindspore as ms
+from mindspore.common import api as mindspore_api
 
 from replknet_fn import dwconv
 
@@ -74,6 +75,10 @@ def with_compile_cache(step, directory):
     """`step` (a jitted `StepCell`) whose first call, the one that compiles, loads or fills the cache in
     `directory`. Later calls run `step` directly."""
     compiled = False
+    # MindSpore hashes its entry script, recorded as sys.argv[0] when mindspore is imported: "-m" under
+    # `python -m`, which the cache then fails to open. By the time a step runs, sys.argv[0] is the real file.
+    if not os.path.isfile(mindspore_api.entry_script_path or "") and os.path.isfile(sys.argv[0]):
+        mindspore_api.entry_script_path = os.path.realpath(sys.argv[0])
 
     def cached_step(*args):
         nonlocal compiled
