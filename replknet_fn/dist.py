@@ -1,7 +1,7 @@
 """Data parallelism made explicit: who we are, and the few things that cross processes.
 
     rank, world_size = init_distributed(config.distribute)   # msrun, or mpirun (mapped onto msrun's cluster)
-    all_reduce = make_gradient_mean(world_size)               # the train step's all-reduce hook
+    all_reduce = make_gradient_mean(world_size, params)       # the train step's all-reduce hook
     totals = make_sum_across_ranks(world_size)(counts)        # validation counters
     broadcast_parameters(params, world_size)                  # every rank starts from rank 0's weights
     check_same_on_all_ranks({"step": step}, world_size)       # every rank resumed from the same point
@@ -90,7 +90,7 @@ def join_cluster_from_openmpi(environ):
         environ.pop(name, None)
     if rank == 0:
         start_scheduler(dict(environ, **cluster))
-    # Measured: a worker that first knocks before the scheduler listens may then fail to register for 50-100 s.
+    # Workers retry on their own; waiting here turns a scheduler that never comes up into a clear error.
     _wait_until_listening(cluster["MS_SCHED_HOST"], int(cluster["MS_SCHED_PORT"]))
     environ.update(cluster, MS_ROLE="MS_WORKER", MS_NODE_ID=str(rank))
 
@@ -171,8 +171,9 @@ def make_gradient_mean(world_size, params=None, bucket_bytes=BUCKET_BYTES):
 
     With `params` (the parameters the gradients belong to, in order), consecutive gradients are flattened into
     buckets of at most `bucket_bytes` and each bucket is one ops.AllReduce; without, one AllReduce per tensor.
-    Buckets because every CPU all-reduce costs milliseconds however small (measured: 600 small tensors one by one
-    ~3.5 s, a handful of buckets ~0.1 s), and a limit because one 320 MB buffer broke the ring all-reduce.
+    Buckets because every CPU all-reduce costs milliseconds however small (measured on 2 ranks: 603 gradients,
+    152 MB, one by one 3.2 s, in 3 buckets 1.2 s; in the demo's step ~0.8 s against ~0.3 s), and a limit because
+    one 320 MB buffer broke the ring all-reduce.
     Per-tensor work is mapped with HyperMap, as in the step: a comprehension over 31B's 562 tensors exceeds jit's
     call depth. Summing two float32 values does not depend on the order, so on 2 ranks both ways give identical
     bits."""
