@@ -235,6 +235,9 @@ def main(argv=None):
                                  all_reduce=dist.make_gradient_mean(world_size, state.optimizer.parameters),
                                  net=forward_network(state.net, config.amp_level))
     cache_dir = compile_cache.step_cache_dir(config, world_size) if config.jit else None
+    if cache_dir is not None and not compile_cache.cache_available():
+        log("train step compile cache: not used (another train step in this process used it)")
+        cache_dir = None
     if cache_dir is not None:
         log(f"train step compile cache: {cache_dir} ({'reused' if cache_dir.exists() else 'new: compiling'})")
         train_step = compile_cache.with_compile_cache(train_step, cache_dir)

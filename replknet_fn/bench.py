@@ -203,7 +203,7 @@ def first_step(impl, args):
                        large_kernel_impl=impl)
     state = train_state(net, config)
     train_step = make_train_step(state, config)
-    cache_dir = compile_cache.step_cache_dir(config, world_size=1)
+    cache_dir = compile_cache.step_cache_dir(config, world_size=1) if compile_cache.cache_available() else None
     cache = "off" if cache_dir is None else ("reused" if cache_dir.exists() else "filled")
     if cache_dir is not None:
         train_step = compile_cache.with_compile_cache(train_step, cache_dir)

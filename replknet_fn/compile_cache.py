@@ -8,6 +8,10 @@ Measured with MindSpore 2.8 on CPU (MS_COMPILER_CACHE_ENABLE / MS_COMPILER_CACHE
 - MindSpore keys a cache by the source files of the entry script and its imports only: a run with another model,
   batch size or optimizer setting silently reloads the wrong graph. So each step graph gets its own directory,
   named by a hash of everything else it depends on (`step_cache_dir`).
+- Within one process only the first graph compiled with the cache on may use it: a second train step (another
+  run's `main()` in the same process, as in the tests) that loads it trains the first step's parameters, not its
+  own (measured: resuming in-process then ended with other weights). `with_compile_cache` therefore returns the
+  step unchanged after the first use in a process, and says so.
 """
 import hashlib
 import json
@@ -33,6 +37,7 @@ HOST_ONLY_KEYS = {
     "compile_cache_dir",
 }
 ENABLE, PATH = "MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH"
+_used_in_this_process = False
 
 
 def cache_root(setting):
@@ -71,9 +76,19 @@ def step_cache_dir(config, world_size):
     return root / f"train_step-{hashlib.sha256(description.encode()).hexdigest()[:16]}"
 
 
+def cache_available():
+    """False once a train step in this process has used the compile cache (see the module docstring)."""
+    return not _used_in_this_process
+
+
 def with_compile_cache(step, directory):
     """`step` (a jitted `StepCell`) whose first call, the one that compiles, loads or fills the cache in
-    `directory`. Later calls run `step` directly."""
+    `directory`. Later calls run `step` directly. Returns `step` itself if a step in this process used the cache
+    already."""
+    global _used_in_this_process
+    if _used_in_this_process:
+        return step
+    _used_in_this_process = True
     compiled = False
     # MindSpore hashes its entry script, recorded as sys.argv[0] when mindspore is imported: "-m" under
     # `python -m`, which the cache then fails to open. By the time a step runs, sys.argv[0] is the real file.

@@ -154,11 +154,12 @@ class GELU(nn.Cell):
 
     float32 runs the one-pass kernels of `pointwise.py` (forward and gradient ~3-7x faster than MindSpore's
     erf-based nn.GELU(approximate=False), which composes ~10 primitives; within 1.5e-6 of the exact value on
-    [-10, 10], MindSpore's within 4.5e-7); other dtypes, or without a C++ compiler, use MindSpore's."""
+    [-10, 10], MindSpore's within 4.5e-7); other dtypes, without a C++ compiler, or with impl "native" (what deploy
+    export builds: a MindIR file cannot hold the compiled kernel) use MindSpore's."""
 
-    def __init__(self):
+    def __init__(self, impl="auto"):
         super().__init__()
-        self.kernel = pointwise.gelu_op()
+        self.kernel = None if impl == "native" else pointwise.gelu_op()
         self.composed = nn.GELU(approximate=False)
 
     def construct(self, x):
@@ -170,11 +171,11 @@ class GELU(nn.Cell):
 class ConvFFN(nn.Cell):
     """pre-BN -> 1x1 conv-BN (expand) -> exact GELU -> 1x1 conv-BN -> drop path -> residual."""
 
-    def __init__(self, channels, internal_channels, drop_path_rate, index=0):
+    def __init__(self, channels, internal_channels, drop_path_rate, index=0, impl="auto"):
         super().__init__()
         self.preffn_bn = batch_norm(channels)
         self.pw1 = conv_bn(channels, internal_channels, 1)
-        self.nonlinear = GELU()
+        self.nonlinear = GELU(impl)
         self.pw2 = conv_bn(internal_channels, channels, 1)
         self.drop_path = drop_path_or_identity(drop_path_rate, index)
 
@@ -196,7 +197,7 @@ class RepLKNetStage(nn.Cell):
             index = 2 * (first_index + pair)
             blocks.append(RepLKBlock(channels, int(channels * dw_ratio), large_kernel_size, small_kernel_size,
                                      rate, large_kernel_impl, index))
-            blocks.append(ConvFFN(channels, int(channels * ffn_ratio), rate, index + 1))
+            blocks.append(ConvFFN(channels, int(channels * ffn_ratio), rate, index + 1, large_kernel_impl))
         if recompute:
             for block in blocks:
                 block.recompute()
@@ -288,7 +289,8 @@ def build_replknet(large_kernel_sizes, layers, channels, drop_path_rate=0.0, sma
     without norm/pool/head. `out_indices` makes the network return a tuple of per-stage features.
     `recompute` recomputes each block's activations in the backward pass (gradient checkpointing).
     `large_kernel_impl` picks how the stride-1 depthwise convs (large and small kernels, the stem's 3x3) are
-    computed (see `dwconv.py`); parameters are the same whatever the choice.
+    computed (see `dwconv.py`), and "native" also keeps the exact GELU in MindSpore's own ops (what MindIR export
+    needs); parameters are the same whatever the choice.
     """
     if not (len(large_kernel_sizes) == len(layers) == len(channels)):
         raise ValueError(f"large_kernel_sizes {list(large_kernel_sizes)}, layers {list(layers)} and channels "
