@@ -26,7 +26,8 @@ IMPLEMENTATIONS = ("native", "auto", "direct")
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "dwconv.cc"
 # -march=native makes the library specific to this CPU: the cache key includes the CPU's flags.
-COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+# -fno-math-errno lets sqrt vectorize (nothing here reads errno): pointwise.cc's AdamW over 80M floats 0.20 -> 0.045 s.
+COMPILE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 
 def cache_dir():
