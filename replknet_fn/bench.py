@@ -9,7 +9,7 @@
 or at the `--shape`s given. `step` builds the project's real train step (step.make_train_step on a TrainState,
 with the training defaults of config.py) and reports the time from build to the first step done (compilation
 included) and from process start; then, interleaved: the steady train step, the part after the gradients alone
-(global norm, unscale and clip, AdamW, loss-scale update), the eval-mode forward and the deploy network's inference
+(unscale, global norm, clip, AdamW, loss-scale update), the eval-mode forward and the deploy network's inference
 (`reparameterize`), each per `--large_kernel_impl`; and the train step and eval forward of the same network with
 every large kernel set to 1, whose difference to the full step is the large-kernel convs' share. Every
 subcommand prints a table and then ONE JSON line with the median times in seconds.
@@ -177,7 +177,7 @@ def example_batch(args, num_classes):
 
 def stored_gradients(params):
     """A replacement gradient stage returning fixed (random) gradients, so that a step built with it times
-    everything after the gradients: global norm, finite check, unscale and clip, optimizer, loss-scale update."""
+    everything after the gradients: unscale, global norm, finite check, clip, optimizer, loss-scale update."""
     grads = ParameterTuple(params).clone(prefix="bench_gradients", init="normal")
 
     def gradients(grad_fn, images, targets, scale, accumulation_steps):

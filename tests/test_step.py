@@ -8,7 +8,7 @@ import pytest
 from replknet_fn import build_replknet
 from replknet_fn.config import DEFAULTS, Config
 from replknet_fn.optim import AdamW, Lion, SGD, create_optimizer, layer_id, parameter_groups
-from replknet_fn.step import clip_by_global_norm, compute_gradients, global_norm, make_train_step, unscale_and_clip
+from replknet_fn.step import clip_by_global_norm, compute_gradients, global_norm, make_train_step
 from replknet_fn.train_state import EMA, TrainState, create_loss_scale
 
 
@@ -113,18 +113,6 @@ def test_clipping_bounds_the_global_norm():
     unclipped = clip_by_global_norm(grads, norm, 1e3)
     for a, b in zip(unclipped, grads):
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
-
-
-def test_unscale_and_clip_in_one_multiply_equals_unscaling_then_clipping_bit_for_bit():
-    rng = np.random.default_rng(1)
-    grads = tuple(ms.Tensor(rng.normal(scale=1e3, size=shape).astype(np.float32)) for shape in [(3, 4), (7,)])
-    scale = ms.Tensor(65536.0, ms.float32)
-    unscaled = tuple(g / scale for g in grads)
-    norm = global_norm(unscaled)
-    assert float((global_norm(grads) / scale).asnumpy()) == float(norm.asnumpy())
-    for clip_value, expected in ((0.5, clip_by_global_norm(unscaled, norm, 0.5)), (None, unscaled)):
-        for a, b in zip(unscale_and_clip(grads, scale, norm, clip_value), expected):
-            np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
 
 
 def test_step_reports_the_unclipped_norm_and_applies_the_clipped_update():
