@@ -3,7 +3,6 @@ gradient, the weight gradient and the bias gradient, to float32 rounding; `auto`
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import nn
 
 from conftest import relative_error
 from replknet_fn import dwconv
