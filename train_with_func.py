@@ -8,6 +8,7 @@ Every key of the config is also a flag (`--lr 1e-3`); see `python train_with_fun
 in a debugger, run with `--jit False`: the identical step runs eagerly.
 """
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -180,28 +181,38 @@ def record_skips(state, finite, loss_scale, config, log):
 
 
 class ProgressWindow:
-    """Loss and time over the steps since the last progress line."""
+    """Steps and time since the last progress line, and the loss summed over its finite steps."""
 
     def __init__(self):
-        self.start, self.steps, self.loss_sum = time.time(), 0, 0.0
+        self.start, self.steps, self.finite_steps, self.loss_sum = time.time(), 0, 0, 0.0
 
     def add(self, loss, finite):
+        self.steps += 1
         if finite:
-            self.steps += 1
+            self.finite_steps += 1
             self.loss_sum += loss
 
 
 def log_progress(log, window, state, config, steps_per_epoch, total_steps, world_size, lr, grad_norm, loss_scale):
+    """One progress line (and TensorBoard scalars). Skipped steps count for speed and ETA, not for the mean loss;
+    a window whose every step was skipped has no loss to show (and a non-finite grad norm is not plotted)."""
     elapsed = time.time() - window.start
     steps = max(window.steps, 1)
     images_per_second = config.batch_size * config.accumulation_steps * world_size * steps / max(elapsed, 1e-9)
     eta = elapsed / steps * (total_steps - state.step)
-    mean_loss = dist.mean_across_ranks(window.loss_sum / steps, world_size)
+    scalars = {"train/lr": lr, "train/loss_scale": loss_scale, "train/images_per_second": images_per_second}
+    if math.isfinite(grad_norm):  # tensorboardX rejects inf/NaN with a bare "NaN or Inf found in input tensor."
+        scalars["train/grad_norm"] = grad_norm
+    if window.finite_steps:
+        # Every rank skips the same steps (the gradients are all-reduced), so all of them take part here.
+        scalars["train/loss"] = dist.mean_across_ranks(window.loss_sum / window.finite_steps, world_size)
+        loss_text = f"{scalars['train/loss']:.4f}"
+    else:
+        loss_text = f"- ({window.steps} skipped)"
     log(f"epoch {state.epoch + 1}/{config.epoch_size} step {state.batch_in_epoch}/{steps_per_epoch} "
-        f"loss {mean_loss:.4f} lr {lr:.3g} loss_scale {loss_scale:g} grad_norm {grad_norm:.3f} "
+        f"loss {loss_text} lr {lr:.3g} loss_scale {loss_scale:g} grad_norm {grad_norm:.3f} "
         f"{images_per_second:.1f} img/s ETA {format_duration(eta)}")
-    log.scalars(state.step, **{"train/loss": mean_loss, "train/lr": lr, "train/loss_scale": loss_scale,
-                               "train/grad_norm": grad_norm, "train/images_per_second": images_per_second})
+    log.scalars(state.step, **scalars)
 
 
 def main(argv=None):

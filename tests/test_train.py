@@ -96,3 +96,37 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
     kept, _ = final_weights(tmp_path)
     for name, value in good.items():
         np.testing.assert_array_equal(kept[name], value, err_msg=name)
+
+
+class RecordingLog:
+    def __init__(self):
+        self.lines, self.scalar_values = [], {}
+
+    def __call__(self, line):
+        self.lines.append(line)
+
+    def scalars(self, step, **values):
+        self.scalar_values.update(values)
+
+
+def progress_line(losses_and_finite):
+    from types import SimpleNamespace
+    window = train_with_func.ProgressWindow()
+    for loss, finite in losses_and_finite:
+        window.add(loss, finite)
+    log = RecordingLog()
+    train_with_func.log_progress(log, window, SimpleNamespace(epoch=0, batch_in_epoch=3, step=3),
+                                 SimpleNamespace(epoch_size=1, batch_size=4, accumulation_steps=1), 10, 10, 1,
+                                 0.1, float("inf"), 2.0)
+    return log.lines[0], log.scalar_values
+
+
+def test_progress_line_means_the_loss_of_finite_steps_only():
+    line, scalars = progress_line([(2.0, True), (0.0, False), (4.0, True)])
+    assert " loss 3.0000 " in line and scalars["train/loss"] == 3.0
+
+
+def test_progress_line_of_only_skipped_steps_shows_no_loss():
+    line, scalars = progress_line([(0.0, False), (0.0, False)])
+    assert " loss - (2 skipped) " in line and "train/loss" not in scalars
+    assert "train/grad_norm" not in scalars  # inf: tensorboardX would refuse it
