@@ -184,10 +184,16 @@ class ProgressWindow:
     """Steps and time since the last progress line, and the loss summed over its finite steps."""
 
     def __init__(self):
-        self.start, self.steps, self.finite_steps, self.loss_sum = time.time(), 0, 0, 0.0
+        self.start, self.steps, self.timed_steps, self.finite_steps, self.loss_sum = time.time(), 0, 0, 0, 0.0
 
-    def add(self, loss, finite):
+    def add(self, loss, finite, timed=True):
+        """`timed=False` for a step whose time says nothing of the speed (a run's first step compiles the graph):
+        the clock restarts after it."""
         self.steps += 1
+        if timed:
+            self.timed_steps += 1
+        else:
+            self.start = time.time()
         if finite:
             self.finite_steps += 1
             self.loss_sum += loss
@@ -196,11 +202,15 @@ class ProgressWindow:
 def log_progress(log, window, state, config, steps_per_epoch, total_steps, world_size, lr, grad_norm, loss_scale):
     """One progress line (and TensorBoard scalars). Skipped steps count for speed and ETA, not for the mean loss;
     a window whose every step was skipped has no loss to show (and a non-finite grad norm is not plotted)."""
-    elapsed = time.time() - window.start
-    steps = max(window.steps, 1)
-    images_per_second = config.batch_size * config.accumulation_steps * world_size * steps / max(elapsed, 1e-9)
-    eta = elapsed / steps * (total_steps - state.step)
-    scalars = {"train/lr": lr, "train/loss_scale": loss_scale, "train/images_per_second": images_per_second}
+    scalars = {"train/lr": lr, "train/loss_scale": loss_scale}
+    if window.timed_steps:
+        elapsed = max(time.time() - window.start, 1e-9)
+        scalars["train/images_per_second"] = (config.batch_size * config.accumulation_steps * world_size
+                                              * window.timed_steps / elapsed)
+        eta = elapsed / window.timed_steps * (total_steps - state.step)
+        speed_text = f"{scalars['train/images_per_second']:.1f} img/s ETA {format_duration(eta)}"
+    else:
+        speed_text = "(img/s and ETA from the next step on)"
     if math.isfinite(grad_norm):  # tensorboardX rejects inf/NaN with a bare "NaN or Inf found in input tensor."
         scalars["train/grad_norm"] = grad_norm
     if window.finite_steps:
@@ -210,8 +220,7 @@ def log_progress(log, window, state, config, steps_per_epoch, total_steps, world
     else:
         loss_text = f"- ({window.steps} skipped)"
     log(f"epoch {state.epoch + 1}/{config.epoch_size} step {state.batch_in_epoch}/{steps_per_epoch} "
-        f"loss {loss_text} lr {lr:.3g} loss_scale {loss_scale:g} grad_norm {grad_norm:.3f} "
-        f"{images_per_second:.1f} img/s ETA {format_duration(eta)}")
+        f"loss {loss_text} lr {lr:.3g} loss_scale {loss_scale:g} grad_norm {grad_norm:.3f} {speed_text}")
     log.scalars(state.step, **scalars)
 
 
@@ -263,7 +272,7 @@ def main(argv=None):
     log(f"{len(train_samples)} train / {len(val_samples)} val images, {len(class_names)} classes; "
         f"{steps_per_epoch} steps per epoch, {total_steps} in all")
 
-    run_start = time.time()
+    run_start, first_step = time.time(), state.step
     metrics = None
     while state.epoch < config.epoch_size:
         epoch = state.epoch
@@ -273,9 +282,14 @@ def main(argv=None):
                                      start_batch=state.batch_in_epoch, stats=stats)
         for images, targets in batches:
             lr = lr_at(state.step)
+            step_start = time.time()
             loss, grad_norm, finite, loss_scale = run_train_step(train_step, state, config, images, targets, lr)
+            compiled_now = state.step == first_step + 1
+            if compiled_now:
+                log(f"first step done in {time.time() - step_start:.1f} s"
+                    + (" (compiling the train step included)" if config.jit else ""))
             record_skips(state, finite, loss_scale, config, log)
-            window.add(loss, finite)
+            window.add(loss, finite, timed=not compiled_now)
             if state.batch_in_epoch % config.log_interval == 0 or state.batch_in_epoch == steps_per_epoch:
                 log_progress(log, window, state, config, steps_per_epoch, total_steps, world_size, lr, grad_norm,
                              loss_scale)

@@ -109,11 +109,11 @@ class RecordingLog:
         self.scalar_values.update(values)
 
 
-def progress_line(losses_and_finite):
+def progress_line(losses_and_finite, timed=True):
     from types import SimpleNamespace
     window = train_with_func.ProgressWindow()
     for loss, finite in losses_and_finite:
-        window.add(loss, finite)
+        window.add(loss, finite, timed)
     log = RecordingLog()
     train_with_func.log_progress(log, window, SimpleNamespace(epoch=0, batch_in_epoch=3, step=3),
                                  SimpleNamespace(epoch_size=1, batch_size=4, accumulation_steps=1), 10, 10, 1,
@@ -130,3 +130,10 @@ def test_progress_line_of_only_skipped_steps_shows_no_loss():
     line, scalars = progress_line([(0.0, False), (0.0, False)])
     assert " loss - (2 skipped) " in line and "train/loss" not in scalars
     assert "train/grad_norm" not in scalars  # inf: tensorboardX would refuse it
+
+
+def test_progress_line_after_only_the_compiling_step_gives_no_speed():
+    line, scalars = progress_line([(2.0, True)], timed=False)
+    assert " loss 2.0000 " in line and "img/s ETA" not in line and "train/images_per_second" not in scalars
+    line, scalars = progress_line([(2.0, True)])
+    assert "img/s ETA" in line and scalars["train/images_per_second"] > 0
