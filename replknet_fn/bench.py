@@ -2,7 +2,8 @@
 
     python -m replknet_fn.bench dwconv [--batch_size 8] [--repeat 3] [--impls direct auto] [--shape 31,56,128]
     python -m replknet_fn.bench step [--model replknet31_base] [--image_size 224] [--batch_size 4] [--repeat 3]
-                                     [--large_kernel_impl auto] [--compile_cache_dir DIR] [--skip_large_kernels_1]
+                                     [--large_kernel_impl auto native] [--compile_cache_dir DIR]
+                                     [--skip_large_kernels_1]
 
 `dwconv` times the large depthwise conv alone against the native MindSpore conv, forward and forward+backward
 (input and weight gradients), jitted, at the RepLKNet-31B stage shapes (kernel, map size, channels at 224 input)
@@ -10,9 +11,10 @@ or at the `--shape`s given. `step` builds the project's real train step (step.ma
 with the training defaults of config.py) and reports the time from build to the first step done (compilation
 included) and from process start; then, interleaved: the steady train step, the part after the gradients alone
 (unscale, global norm, clip, AdamW, loss-scale update), the eval-mode forward and the deploy network's inference
-(`reparameterize`), each per `--large_kernel_impl`; and the train step and eval forward of the same network with
-every large kernel set to 1, whose difference to the full step is the large-kernel convs' share. Every
-subcommand prints a table and then ONE JSON line with the median times in seconds.
+(`reparameterize`), each per `--large_kernel_impl` (by default auto and native, with auto's speedups against
+native); and the train step and eval forward of the same network with every large kernel set to 1, whose
+difference to the full step is the large-kernel convs' share. Every subcommand prints a table and then ONE JSON
+line with the median times in seconds.
 
 The machine is shared and noisy: repetitions of all implementations are interleaved, so a slow spell hits them
 alike, and medians are reported. Add a benchmark as a function `run_<name>(args)` plus an `add_<name>_parser`
@@ -274,6 +276,10 @@ def run_step(args):
     if K1 in seconds:
         result["large_kernel_seconds"] = {impl: seconds[impl]["train_step"] - seconds[K1]["train_step"]
                                           for impl in impls}
+    if "native" in seconds and len(impls) > 1:
+        result["speedup_vs_native"] = {impl: {part: seconds["native"][part] / seconds[impl][part]
+                                              for part in STEP_PARTS}
+                                       for impl in impls if impl != "native"}
     print_step_table(result, impls)
     print(json.dumps(result))
 
@@ -295,6 +301,8 @@ def print_step_table(result, impls):
     if "large_kernel_seconds" in result:
         cells = [f"{result['large_kernel_seconds'][impl]:.2f}" for impl in impls]
         print(f"{'large kernels (train)':<22}" + "".join(f"{cell:>18}" for cell in cells))
+    for impl, speedups in result.get("speedup_vs_native", {}).items():
+        print(f"{impl} vs native: " + ", ".join(f"{part} {value:.1f}x" for part, value in speedups.items()))
     age = result["process_to_first_step"]
     print(f"process start -> first {impls[0]} step done: {age:.1f} s; compile cache: {result['compile_cache']}"
           if age is not None else f"compile cache: {result['compile_cache']}")
@@ -306,8 +314,10 @@ def add_step_parser(subparsers):
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median reported)")
-    parser.add_argument("--large_kernel_impl", nargs="+", default=["auto"], choices=list(dwconv.IMPLEMENTATIONS),
-                        help="depthwise conv implementations to time (each builds its own model)")
+    parser.add_argument("--large_kernel_impl", nargs="+", default=["auto", "native"],
+                        choices=list(dwconv.IMPLEMENTATIONS),
+                        help="depthwise conv implementations to time (each builds its own model; the first one's "
+                             "is the time to first step; with native, the others' speedups against it)")
     parser.add_argument("--compile_cache_dir", default="",
                         help="as in training: reuse/fill the compiled step there ('auto': the training default); "
                              "'' (default): off, so first_step is a cold compile")
