@@ -17,7 +17,9 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import mindspore as ms
@@ -37,6 +39,10 @@ HOST_ONLY_KEYS = {
     "compile_cache_dir",
 }
 ENABLE, PATH = "MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH"
+# Every edit of the sources or the config makes a new entry (4-15 MB each, measured): the cache keeps the most
+# recently used ones and deletes the rest, but never one used within the last hour (another run may be using it).
+KEEP_ENTRIES = 16
+MIN_AGE_SECONDS = 3600
 _used_in_this_process = False
 
 
@@ -76,6 +82,14 @@ def step_cache_dir(config, world_size):
     return root / f"train_step-{hashlib.sha256(description.encode()).hexdigest()[:16]}"
 
 
+def prune(root, keep=KEEP_ENTRIES, min_age_seconds=MIN_AGE_SECONDS):
+    """Delete the train_step-* entries of `root` beyond the `keep` most recently used, if unused for a while."""
+    entries = sorted(Path(root).glob("train_step-*"), key=lambda path: path.stat().st_mtime, reverse=True)
+    for entry in entries[keep:]:
+        if time.time() - entry.stat().st_mtime > min_age_seconds:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def cache_available():
     """False once a train step in this process has used the compile cache (see the module docstring)."""
     return not _used_in_this_process
@@ -89,6 +103,11 @@ def with_compile_cache(step, directory):
     if _used_in_this_process:
         return step
     _used_in_this_process = True
+    directory = Path(directory)
+    if directory.exists():
+        os.utime(directory)  # most recently used: `prune` keeps it
+    else:
+        prune(directory.parent, keep=KEEP_ENTRIES - 1)
     compiled = False
     # MindSpore hashes its entry script, recorded as sys.argv[0] when mindspore is imported: "-m" under
     # `python -m`, which the cache then fails to open. By the time a step runs, sys.argv[0] is the real file.

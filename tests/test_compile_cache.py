@@ -82,3 +82,21 @@ def test_each_step_graph_gets_its_own_cache_directory():
 def test_cache_is_off_when_disabled_or_distributed():
     assert step_cache_dir(Config(DEFAULTS, compile_cache_dir=""), world_size=1) is None
     assert step_cache_dir(Config(DEFAULTS, compile_cache_dir="/cache"), world_size=2) is None
+
+
+def test_prune_keeps_the_most_recently_used_entries_and_any_used_within_the_hour(tmp_path):
+    import os
+    import time
+    from replknet_fn.compile_cache import prune
+    now = time.time()
+    for age_hours in range(6):
+        entry = tmp_path / f"train_step-{age_hours}"
+        entry.mkdir()
+        os.utime(entry, (now - age_hours * 3600 - 60,) * 2)
+    (tmp_path / "unrelated").mkdir()
+    prune(tmp_path, keep=2)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["train_step-0", "train_step-1", "unrelated"]
+    recent = tmp_path / "train_step-recent"
+    recent.mkdir()
+    prune(tmp_path, keep=1)  # train_step-0 is 1 minute old: kept although beyond `keep`
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["train_step-0", "train_step-recent", "unrelated"]
