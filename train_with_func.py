@@ -347,6 +347,7 @@ if __name__ == "__main__":
     except (ConfigError, CheckpointError, data.DataError, TrainingDiverged, dist.DistributedError) as error:
         sys.exit(f"error: {error}")
     except RuntimeError as error:
-        if dist.explain_failure(error) is None:
+        explanation = dist.explain_failure(error)
+        if explanation is None:
             raise
-        sys.exit(f"error: {dist.explain_failure(error)}")
+        sys.exit(f"error: {explanation}")

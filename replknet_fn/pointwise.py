@@ -18,14 +18,6 @@ def library():
     return dwconv.compiled_library(SOURCE, "exact GELU and AdamW use MindSpore's slower ops")
 
 
-def same_shape(shape, *_):
-    return shape
-
-
-def same_dtype(dtype, *_):
-    return dtype
-
-
 def fifth_shape(*shapes):
     return shapes[4]
 
@@ -40,12 +32,12 @@ def gelu_op():
     path = library()
     if path is None:
         return None
-    backward = ops.Custom(f"{path}:gelu_backward", same_shape, same_dtype, func_type="aot")
+    backward = ops.Custom(f"{path}:gelu_backward", dwconv.same_shape, dwconv.same_dtype, func_type="aot")
 
     def bprop(x, out, dout):
         return (backward(x, dout),)
 
-    return ops.Custom(f"{path}:gelu_forward", same_shape, same_dtype, func_type="aot", bprop=bprop)
+    return ops.Custom(f"{path}:gelu_forward", dwconv.same_shape, dwconv.same_dtype, func_type="aot", bprop=bprop)
 
 
 def scalar_shape(*_):
@@ -56,7 +48,8 @@ def scalar_shape(*_):
 def squared_sum_op():
     """x -> sum of x^2, a float32 scalar (float32 input); None without a library."""
     path = library()
-    return None if path is None else ops.Custom(f"{path}:squared_sum", scalar_shape, same_dtype, func_type="aot")
+    return None if path is None else ops.Custom(f"{path}:squared_sum", scalar_shape, dwconv.same_dtype,
+                                                func_type="aot")
 
 
 class InPlaceUpdate(ops.Custom):

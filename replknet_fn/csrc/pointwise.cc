@@ -60,6 +60,9 @@ inline float exp_nonpositive(float x) {
 constexpr float kSqrtHalf = 0.70710678118654752f;         // 1 / sqrt(2)
 constexpr float kInvSqrtTwoPi = 0.39894228040143268f;     // 1 / sqrt(2 pi)
 
+// Phi(x) = (1 + erf(x / sqrt 2)) / 2, shared by the forward and the gradient.
+inline float normal_cdf(float x) { return 0.5f * (1.0f + erf_float(x * kSqrtHalf)); }
+
 int64_t element_count(int ndims, const int64_t *shape) {
   int64_t n = 1;
   for (int d = 0; d < ndims; ++d) n *= shape[d];
@@ -82,7 +85,7 @@ extern "C" int gelu_forward(int nparam, void **params, int *ndims, int64_t **sha
   const float *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[1]);
   for (int64_t i = 0; i < n; ++i) {
-    y[i] = 0.5f * x[i] * (1.0f + erf_float(x[i] * kSqrtHalf));
+    y[i] = x[i] * normal_cdf(x[i]);
   }
   return 0;
 }
@@ -95,7 +98,7 @@ extern "C" int gelu_backward(int nparam, void **params, int *ndims, int64_t **sh
   const float *dy = static_cast<const float *>(params[1]);
   float *dx = static_cast<float *>(params[2]);
   for (int64_t i = 0; i < n; ++i) {
-    const float cdf = 0.5f * (1.0f + erf_float(x[i] * kSqrtHalf));
+    const float cdf = normal_cdf(x[i]);
     const float pdf = kInvSqrtTwoPi * exp_nonpositive(-0.5f * x[i] * x[i]);
     dx[i] = dy[i] * (cdf + x[i] * pdf);
   }
