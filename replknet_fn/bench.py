@@ -196,6 +196,14 @@ def jitted_forward(net):
     return forward
 
 
+def jitted_eval_forward(build_args):
+    """The eval-mode forward of a fresh network built like `build_args` (its own cell: the train step's network
+    stays in train mode)."""
+    net = build_replknet(**build_args)
+    net.set_train(False)
+    return jitted_forward(net)
+
+
 def first_step(impl, args):
     """Build the model and the project's real train step (train_with_func.py's, with the config defaults) and run it
     once; returns the step and the seconds from build to the first step done (compilation included)."""
@@ -218,26 +226,21 @@ def step_functions(state, config, train_step, batch):
     """No-argument callables: the train step, optimizer and clip alone, eval-mode forward, deploy inference."""
     net = state.net
     rest_of_step = make_train_step(state, config, gradients=stored_gradients(state.optimizer.parameters))
-    eval_net = build_replknet(**net.build_args)
-    eval_net.set_train(False)
-    eval_forward, deploy_forward = jitted_forward(eval_net), jitted_forward(reparameterize(net))
+    eval_forward, deploy_forward = jitted_eval_forward(net.build_args), jitted_forward(reparameterize(net))
     images = batch[0]
     functions = {"train_step": lambda: train_step(*batch), "optimizer_and_clip": lambda: rest_of_step(*batch),
                  "eval_forward": lambda: eval_forward(images), "deploy_inference": lambda: deploy_forward(images)}
     return functions
 
 
-def large_kernels_1_functions(args, config):
-    """The same network with every large (and small) kernel 1x1: its train step and eval forward time the rest."""
-    build_args = dict(create_model(config.model, num_classes=config.num_classes).build_args)
+def large_kernels_1_functions(args, config, build_args):
+    """The network of `build_args` with every large (and small) kernel 1x1: its train step and eval forward time the
+    rest."""
     small_kernel = None if build_args["small_kernel"] is None else 1
-    build_args.update(large_kernel_sizes=[1] * len(build_args["layers"]), small_kernel=small_kernel,
-                      drop_path_rate=config.drop_path_rate)
+    build_args = dict(build_args, large_kernel_sizes=[1] * len(build_args["layers"]), small_kernel=small_kernel)
     state = train_state(build_replknet(**build_args), config)
     train_step = make_train_step(state, config)
-    eval_net = build_replknet(**build_args)
-    eval_net.set_train(False)
-    eval_forward = jitted_forward(eval_net)
+    eval_forward = jitted_eval_forward(build_args)
     batch = example_batch(args, config.num_classes)
     return {"train_step": lambda: train_step(*batch), "eval_forward": lambda: eval_forward(batch[0])}
 
@@ -253,11 +256,12 @@ def run_step(args):
     for impl in impls:
         state, config, train_step, batch, first[impl], cache[impl] = first_step(impl, args)
         if impl == impls[0]:
-            process_to_first_step = process_age()
+            process_to_first_step, first_build_args = process_age(), state.net.build_args
         for part, function in step_functions(state, config, train_step, batch).items():
             functions[(impl, part)] = function
     if not args.skip_large_kernels_1:
-        for part, function in large_kernels_1_functions(args, step_config(args, impls[0])).items():
+        for part, function in large_kernels_1_functions(args, step_config(args, impls[0]),
+                                                        first_build_args).items():
             functions[(K1, part)] = function
     medians = interleaved_medians(functions, args.repeat)
     seconds = {}
