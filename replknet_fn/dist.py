@@ -147,6 +147,15 @@ def _explain_termination(rank, world_size):
         os._exit(128 + signal.SIGTERM)
 
     threading.Thread(target=watch, name="sigterm-report", daemon=True).start()
+    # A forked child (a data worker) inherits the wakeup fd and the no-op handler: the SIGTERM that closes the
+    # worker pool would be written into this pipe, and the watcher would kill this rank (measured: both ranks
+    # exited at the first epoch end, the scheduler then timed both out). Children get the default action back.
+    os.register_at_fork(after_in_child=_forget_termination_watch)
+
+
+def _forget_termination_watch():
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def explain_failure(error):
