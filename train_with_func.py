@@ -155,6 +155,13 @@ def save_epoch_checkpoints(state, config, meta, metrics, log):
         log(f"new best top-1 {top1:.2f}% at epoch {state.epoch}")
 
 
+def save_last_checkpoint(state, config, meta, rank, world_size):
+    """The mid-epoch save of MODEL-last.ckpt. Every rank takes part: BN statistics are averaged first."""
+    dist.average_over_ranks(state.rank_local_parameters(), world_size)
+    if rank == 0:
+        save_train_state(state, Path(config.ckpt_save_dir) / f"{config.model}-last.ckpt", meta)
+
+
 def run_train_step(train_step, state, config, images, targets, lr):
     """One optimizer step on a loaded batch, with this step's drop-path seed and lr; counts it in `state`."""
     set_drop_path_seed(state.net, config.seed * 1000003 + state.step)
@@ -226,7 +233,7 @@ def log_progress(log, window, state, config, steps_per_epoch, total_steps, world
 
 def main(argv=None):
     config = parse_config(argv, default_config=DEMO_CONFIG, description=__doc__.splitlines()[0])
-    rank, world_size = dist.init_distributed(config.distribute)
+    rank, world_size = dist.init_distributed(config.distribute, config.collective_timeout)
     ms.set_seed(config.seed)
     check_writable(config.ckpt_save_dir)
     log = RunLog(config.ckpt_save_dir, rank, config.tensorboard)
@@ -297,17 +304,17 @@ def main(argv=None):
                 log_progress(log, window, state, config, steps_per_epoch, total_steps, world_size, lr, grad_norm,
                              loss_scale)
                 window = ProgressWindow()
-            if config.ckpt_save_steps and state.step % config.ckpt_save_steps == 0 and rank == 0 \
+            if config.ckpt_save_steps and state.step % config.ckpt_save_steps == 0 \
                     and state.batch_in_epoch < steps_per_epoch:
-                save_train_state(state, Path(config.ckpt_save_dir) / f"{config.model}-last.ckpt", meta)
+                save_last_checkpoint(state, config, meta, rank, world_size)
             if config.max_steps and state.step >= config.max_steps:
                 break
         if config.max_steps and state.step >= config.max_steps and state.batch_in_epoch < steps_per_epoch:
             log(f"max_steps={config.max_steps} reached mid-epoch")
-            if rank == 0:
-                save_train_state(state, Path(config.ckpt_save_dir) / f"{config.model}-last.ckpt", meta)
+            save_last_checkpoint(state, config, meta, rank, world_size)
             break
         state.epoch, state.batch_in_epoch = epoch + 1, 0
+        dist.average_over_ranks(state.rank_local_parameters(), world_size)  # BN statistics: validate what is saved
         metrics = None
         if config.val_while_train and (state.epoch % config.val_interval == 0 or state.epoch == config.epoch_size):
             metrics = validate(state, eval_step, val_samples, config, rank, world_size, sum_across_ranks, log,

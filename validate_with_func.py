@@ -31,7 +31,7 @@ def main(argv=None):
     config = parse_config(argv, default_config=DEMO_CONFIG, description=__doc__.splitlines()[0])
     if not config.ckpt_path:
         raise ConfigError("give the checkpoint to evaluate with --ckpt_path")
-    rank, world_size = dist.init_distributed(config.distribute)
+    rank, world_size = dist.init_distributed(config.distribute, config.collective_timeout)
     log = print if rank == 0 else (lambda *args: None)
     if not config.data_dir:
         from replknet_fn.demo_data import ensure_demo_dataset

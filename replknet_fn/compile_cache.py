@@ -36,7 +36,7 @@ HOST_ONLY_KEYS = {
     "reparam", "epoch_size", "lr", "min_lr", "scheduler", "warmup_epochs", "warmup_factor", "decay_epochs",
     "decay_rate", "milestones", "lr_epoch_stair", "max_consecutive_skips", "val_while_train", "val_interval",
     "ckpt_save_dir", "ckpt_save_policy", "ckpt_save_steps", "keep_checkpoint_max", "log_interval", "tensorboard",
-    "compile_cache_dir",
+    "compile_cache_dir", "collective_timeout",
 }
 ENABLE, PATH = "MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH"
 # Every edit of the sources or the config makes a new entry (4-15 MB each, measured): the cache keeps the most

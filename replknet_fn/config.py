@@ -35,6 +35,9 @@ def _options():
                                        "under compile_cache/; '': off"),
         "device_target": o("CPU", "MindSpore device", choices=["CPU", "GPU", "Ascend"]),
         "distribute": o(False, "data-parallel over the processes started by msrun or mpirun"),
+        "collective_timeout": o(600, "seconds a rank waits in a collective for a late peer, e.g. while rank 0 "
+                                     "saves a large checkpoint (a dead rank is still noticed within ~30 s)",
+                                low=1),
         "resume": o("", "checkpoint to continue from, or 'auto' for the newest valid one in ckpt_save_dir"),
         "max_steps": o(0, "stop after this many optimizer steps in total (0: no limit; for tests and debugging)",
                        low=0),

@@ -1,18 +1,21 @@
 """Data parallelism made explicit: who we are, and the few things that cross processes.
 
-    rank, world_size = init_distributed(config.distribute)   # msrun, or mpirun (mapped onto msrun's cluster)
+    rank, world_size = init_distributed(config.distribute, config.collective_timeout)  # msrun or mpirun
     all_reduce = make_gradient_mean(world_size, params)       # the train step's all-reduce hook
     totals = make_sum_across_ranks(world_size)(counts)        # validation counters
     broadcast_parameters(params, world_size)                  # every rank starts from rank 0's weights
+    average_over_ranks(state.rank_local_parameters(), world_size)  # BN statistics, before validating/saving
     check_same_on_all_ranks({"step": step}, world_size)       # every rank resumed from the same point
 
-With `distribute False` nothing is initialised and nothing is communicated. Everything else (BN statistics,
-data shards, the optimizer) stays local to each rank, as in the reference recipe.
+With `distribute False` nothing is initialised and nothing is communicated. BN statistics are per rank during an
+epoch, as in the reference recipe, and averaged over ranks before every validation and save.
 
-Failure (measured with MindSpore 2.8 on CPU): nothing hangs. When a rank dies, MindSpore's scheduler declares
-it timed out and every other rank kills itself with SIGTERM ~30 s later; a collective left waiting for a silent
-peer also fails after ~30 s. `init_distributed` adds a one-line explanation to the first, `explain_failure` to
-the second. The same limit means ranks must never drift more than ~30 s apart between two collectives.
+Failure (MindSpore 2.8 on CPU): nothing hangs. When a rank dies, MindSpore's scheduler stops hearing its
+heartbeat and, after its node timeout (30 s), every other rank kills itself with SIGTERM; a collective left
+waiting for a late peer fails after the workers' collective timeout. Both are MindSpore's `MS_NODE_TIMEOUT`, read
+by each process for its own role: `init_distributed` keeps the scheduler's at 30 s (dead ranks are noticed fast)
+and gives the workers `collective_timeout` (a slow rank, e.g. rank 0 saving a large checkpoint, is waited for).
+`init_distributed` adds a one-line explanation to the SIGTERM, `explain_failure` to a failed collective.
 """
 import os
 import signal
@@ -28,10 +31,10 @@ from mindspore import ops
 
 from replknet_fn.parameters import write_parameter
 
-# Measured: MindSpore 2.8's CPU ring all-reduce gives up on a silent peer after ~30 s (a peer 25 s late is
-# waited for, one 45 s late fails the job; MS_RECEIVE_MSG_TIMEOUT does not change it).
-COLLECTIVE_TIMEOUT_SECONDS = 30
-# Measured: after a rank dies, the scheduler declares it timed out and the others receive SIGTERM ~30 s later.
+# MindSpore's MS_NODE_TIMEOUT (default 30 s; include/cluster/topology/common.h and rpc/collective_ops_impl.h) is
+# both the scheduler's heartbeat timeout and a worker's wait in a CPU collective (measured: a peer 25 s late is
+# waited for, one 45 s late fails the job; MS_RECEIVE_MSG_TIMEOUT does not change it). Each process reads it for
+# its own role, so the two are set apart.
 NODE_TIMEOUT_SECONDS = 30
 BUCKET_BYTES = 64 * 1024 * 1024  # gradients per all-reduce: well under the 320 MB that broke the ring on CPU
 DEFAULT_SCHEDULER_PORT = "8118"  # msrun's default --master_port
@@ -42,17 +45,21 @@ class DistributedError(RuntimeError):
 
 
 _joined = None  # (rank, world_size) once this process has joined its group: init() may run only once
+_collective_timeout = None
 
 
-def init_distributed(distribute):
-    """(rank, world_size). With `distribute`, joins the group that msrun or mpirun started us in."""
-    global _joined
+def init_distributed(distribute, collective_timeout):
+    """(rank, world_size). With `distribute`, joins the group that msrun or mpirun started us in; this worker's
+    collectives wait `collective_timeout` seconds for a late peer."""
+    global _joined, _collective_timeout
     if not distribute:
         return 0, 1
     if _joined is not None:
         return _joined
     if not os.environ.get("MS_ROLE") and os.environ.get("OMPI_COMM_WORLD_SIZE"):
         join_cluster_from_openmpi(os.environ)
+    set_node_timeout(os.environ, collective_timeout)
+    _collective_timeout = int(collective_timeout)
     if not os.environ.get("MS_ROLE"):
         raise DistributedError(
             "--distribute True needs a launcher: run under `msrun --worker_num=N --local_worker_num=N "
@@ -67,6 +74,17 @@ def init_distributed(distribute):
     if _joined[1] > 1:
         _explain_termination(*_joined)
     return _joined
+
+
+def set_node_timeout(environ, collective_timeout):
+    """MS_NODE_TIMEOUT for this process's role. msrun runs the training script in its scheduler process too, so
+    this runs there as well: the scheduler keeps MindSpore's 30 s heartbeat timeout (or the one the user set), a
+    worker waits `collective_timeout` seconds in a collective. (In a worker, MS_NODE_TIMEOUT governs only that
+    wait: measured, a killed rank still stops the others ~30 s later with workers at 600 s.)"""
+    if environ.get("MS_ROLE") == "MS_SCHED":
+        environ.setdefault("MS_NODE_TIMEOUT", str(NODE_TIMEOUT_SECONDS))
+    else:
+        environ["MS_NODE_TIMEOUT"] = str(int(collective_timeout))
 
 
 def join_cluster_from_openmpi(environ):
@@ -100,6 +118,7 @@ def start_scheduler(environ):
     out), and is killed with its parent. Only errors reach the log (GLOG_v=3) unless GLOG_v is set."""
     env = {name: value for name, value in environ.items() if not name.startswith(("OMPI_", "PMIX_"))}
     env.update(MS_ROLE="MS_SCHED", GLOG_v=environ.get("GLOG_v", "3"))
+    set_node_timeout(env, None)
     return subprocess.Popen([sys.executable, "-c", "from mindspore.communication import init; init()"],
                             env=env, preexec_fn=_die_with_parent)
 
@@ -165,10 +184,9 @@ def explain_failure(error):
         return None
     rank, world_size = _joined
     return DistributedError(
-        f"rank {rank}: an all-reduce across {world_size} processes failed after waiting ~"
-        f"{COLLECTIVE_TIMEOUT_SECONDS} s for a peer (MindSpore's CPU collectives give up after that). Another "
-        "rank has probably died (killed, out of memory, an error: see its log, e.g. msrun's "
-        "log_dir/worker_<rank>.log) or fell more than that far behind")
+        f"rank {rank}: an all-reduce across {world_size} processes failed after waiting ~{_collective_timeout} s "
+        "for a peer (collective_timeout). Another rank has probably died (killed, out of memory, an error: see its "
+        "log, e.g. msrun's log_dir/worker_<rank>.log) or fell more than that far behind")
 
 
 def _identity(values):
@@ -282,6 +300,17 @@ def broadcast_parameters(params, world_size):
         for param in group:
             write_parameter(param, values[offset:offset + param.size].reshape(param.shape))
             offset += param.size
+
+
+def average_over_ranks(params, world_size):
+    """Give each float32 Parameter its mean over ranks, on every rank (host buffers, 64 MB per all-reduce)."""
+    if world_size == 1 or not params:
+        return
+    mean = _sum_over_ranks(np.concatenate([param.asnumpy().ravel() for param in params])) / np.float32(world_size)
+    offset = 0
+    for param in params:
+        write_parameter(param, mean[offset:offset + param.size].reshape(param.shape))
+        offset += param.size
 
 
 def check_same_on_all_ranks(values, world_size):

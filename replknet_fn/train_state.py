@@ -10,6 +10,9 @@ from mindspore.common.parameter import Parameter, ParameterTuple
 from replknet_fn.model import is_rng_state
 
 
+BATCH_NORM_STATISTICS = (".moving_mean", ".moving_variance")
+
+
 class LossScale(nn.Cell):
     """Loss-scale state. Dynamic: halve (by `factor`) on a non-finite step, grow after `window` finite steps in
     a row. Static: the scale never changes."""
@@ -61,6 +64,12 @@ class TrainState:
             for param in cell.get_parameters():
                 named.setdefault(param.name, param)
         return named
+
+    def rank_local_parameters(self):
+        """The Parameters each data-parallel rank keeps its own value of: BN running statistics (each rank
+        normalizes its own batch, as in the reference) and their EMA averages. The loop averages them over ranks
+        before it validates or saves (timm's --dist-bn reduce), so what is validated is what is saved."""
+        return [param for name, param in self.parameters().items() if name.endswith(BATCH_NORM_STATISTICS)]
 
     HOST_FIELDS = ("epoch", "batch_in_epoch", "step", "skipped_steps", "consecutive_skips", "best_top1",
                    "best_epoch", "kept_checkpoints")

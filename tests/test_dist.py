@@ -113,7 +113,7 @@ def run_worker(job_path):
     import train_with_func
     import validate_with_func
     from replknet_fn import dist
-    rank, world_size = dist.init_distributed(True)
+    rank, world_size = dist.init_distributed(True, collective_timeout=600)
     result = {"broadcast": broadcast_probe(rank, world_size), "disagreement": disagreement_probe(rank, world_size),
               "gradient_mean": gradient_mean_probe(rank, world_size)}
     train_with_func.create_model = with_frozen_batch_norm(train_with_func.create_model)
