@@ -15,10 +15,10 @@ from pathlib import Path
 
 import mindspore as ms
 
-from replknet_fn import compile_cache, data, dist
+from replknet_fn import compile_cache, data, device, dist
 from replknet_fn.checkpoint import (CheckpointError, check_free_space, check_writable, find_resume_checkpoint,
                                     link_or_copy, restore_train_state, save_train_state, select_kept)
-from replknet_fn.config import Config, ConfigError, parse_config, save_config
+from replknet_fn.config import DEMO_CONFIG, Config, ConfigError, parse_config, save_config
 from replknet_fn.evaluation import evaluate, make_eval_step
 from replknet_fn.model import create_model, set_drop_path_seed
 from replknet_fn.optim import create_optimizer
@@ -27,9 +27,6 @@ from replknet_fn.pretrained import load_pretrained
 from replknet_fn.schedule import create_lr_schedule
 from replknet_fn.step import make_train_step
 from replknet_fn.train_state import EMA, TrainState, create_loss_scale
-
-DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
-
 
 class TrainingDiverged(RuntimeError):
     pass
@@ -92,13 +89,6 @@ def build_train_state(config, num_classes):
     optimizer = create_optimizer(net, config)
     ema = EMA(net, config.ema_decay) if config.ema else None
     return TrainState(net, optimizer, create_loss_scale(config), ema)
-
-
-def forward_network(net, amp_level):
-    """The network the step differentiates: `net` itself, or wrapped by MindSpore AMP (same parameters)."""
-    if amp_level == "O0":
-        return net
-    return ms.amp.auto_mixed_precision(net, amp_level)
 
 
 def resume(state, config, log):
@@ -233,6 +223,8 @@ def log_progress(log, window, state, config, steps_per_epoch, total_steps, world
 
 def main(argv=None):
     config = parse_config(argv, default_config=DEMO_CONFIG, description=__doc__.splitlines()[0])
+    config.device_target = device.apply_device_target(config.device_target)
+    config.amp_level = device.resolve_amp_level(config.amp_level, config.device_target)
     rank, world_size = dist.init_distributed(config.distribute, config.collective_timeout)
     ms.set_seed(config.seed)
     check_writable(config.ckpt_save_dir)
@@ -240,10 +232,11 @@ def main(argv=None):
     if rank == 0:
         save_config(config, Path(config.ckpt_save_dir) / "config.yaml")
     log(f"config {config.config or '(defaults)'}; rank {rank} of {world_size}; "
-        f"global batch {config.batch_size * world_size}")
+        f"global batch {config.batch_size * world_size}; device {config.device_target}, amp_level {config.amp_level}; "
+        f"compiled CPU kernels {'on' if device.cpu_kernels_enabled() else 'off'}")
     if config.device_target == "CPU" and config.amp_level != "O0":
         log(f"note: amp_level {config.amp_level} on CPU is slower than O0 (RepLKNet-31B here: ~19 s vs 2.1 s a "
-            f"step; the compiled kernels are float32 only); pass --amp_level O0 unless you test AMP itself")
+            f"step; the compiled kernels are float32 only); pass --amp_level auto (O0 on CPU) unless you test AMP")
 
     train_samples, val_samples, class_names = load_data(config, log)
     steps_per_epoch = data.num_train_batches(len(train_samples), config.batch_size * config.accumulation_steps,
@@ -263,7 +256,7 @@ def main(argv=None):
                                   "step": state.step}, world_size)
     train_step = make_train_step(state, config,
                                  all_reduce=dist.make_gradient_mean(world_size, state.optimizer.parameters),
-                                 net=forward_network(state.net, config.amp_level))
+                                 net=device.mixed_precision(state.net, config.amp_level))
     cache_dir = compile_cache.step_cache_dir(config, world_size) if config.jit else None
     if cache_dir is not None and not compile_cache.cache_available():
         log("train step compile cache: not used (another train step in this process used it)")
@@ -271,7 +264,7 @@ def main(argv=None):
     if cache_dir is not None:
         log(f"train step compile cache: {cache_dir} ({'reused' if cache_dir.exists() else 'new: compiling'})")
         train_step = compile_cache.with_compile_cache(train_step, cache_dir)
-    eval_step = make_eval_step(forward_network(state.net, config.amp_level), config.jit)
+    eval_step = make_eval_step(device.mixed_precision(state.net, config.amp_level), config.jit)
     sum_across_ranks = dist.make_sum_across_ranks(world_size)
     meta = {"model": config.model, "build_args": state.net.build_args, "class_names": class_names,
             "config": {key: (list(value) if isinstance(value, tuple) else value) for key, value in config.items()}}
@@ -351,7 +344,8 @@ def format_duration(seconds):
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, CheckpointError, data.DataError, TrainingDiverged, dist.DistributedError) as error:
+    except (ConfigError, CheckpointError, data.DataError, TrainingDiverged, dist.DistributedError,
+            device.DeviceError) as error:
         sys.exit(f"error: {error}")
     except RuntimeError as error:
         explanation = dist.explain_failure(error)

@@ -11,13 +11,12 @@ weights). Every validation image is counted exactly once, also when sharded over
 import json
 import sys
 
-from replknet_fn import data, dist
+from replknet_fn import data, device, dist
 from replknet_fn.checkpoint import CheckpointError, load_weights, read_checkpoint
-from replknet_fn.config import ConfigError, parse_config
+from replknet_fn.config import DEMO_CONFIG, ConfigError, parse_config
 from replknet_fn.evaluation import evaluate, make_eval_step
 from replknet_fn.model import build_replknet, create_model
 from replknet_fn.reparam import reparameterize
-from train_with_func import DEMO_CONFIG, forward_network
 
 
 def build_network(config, meta):
@@ -31,6 +30,8 @@ def main(argv=None):
     config = parse_config(argv, default_config=DEMO_CONFIG, description=__doc__.splitlines()[0])
     if not config.ckpt_path:
         raise ConfigError("give the checkpoint to evaluate with --ckpt_path")
+    config.device_target = device.apply_device_target(config.device_target)
+    config.amp_level = device.resolve_amp_level(config.amp_level, config.device_target)
     rank, world_size = dist.init_distributed(config.distribute, config.collective_timeout)
     log = print if rank == 0 else (lambda *args: None)
     if not config.data_dir:
@@ -46,7 +47,7 @@ def main(argv=None):
     if config.reparam:
         net = reparameterize(net)
     net.set_train(False)
-    eval_step = make_eval_step(forward_network(net, config.amp_level), config.jit)
+    eval_step = make_eval_step(device.mixed_precision(net, config.amp_level), config.jit)
     batches = data.eval_batches(val_samples, config, rank, world_size)
     metrics = evaluate(net, eval_step, batches, dist.make_sum_across_ranks(world_size), log=log,
                        num_batches=data.num_eval_batches(len(val_samples), config.batch_size, world_size))
@@ -60,7 +61,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, CheckpointError, data.DataError, dist.DistributedError) as error:
+    except (ConfigError, CheckpointError, data.DataError, dist.DistributedError, device.DeviceError) as error:
         sys.exit(f"error: {error}")
     except RuntimeError as error:
         explanation = dist.explain_failure(error)

@@ -32,7 +32,7 @@ import mindspore as ms
 from mindspore import ops
 from mindspore.common.parameter import ParameterTuple
 
-from replknet_fn import compile_cache, dwconv
+from replknet_fn import compile_cache, device, dwconv
 from replknet_fn.config import DEFAULTS, Config
 from replknet_fn.model import MODELS, build_replknet, create_model
 from replknet_fn.optim import create_optimizer
@@ -332,6 +332,7 @@ def add_step_parser(subparsers):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m replknet_fn.bench", description=__doc__.split("\n\n")[0])
+    device.add_device_argument(parser)
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_dwconv_parser(subparsers)
     add_step_parser(subparsers)
@@ -339,7 +340,12 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        device.apply_device_target(args.device_target)
+    except device.DeviceError as error:
+        parser.exit(2, f"error: {error}\n")
     args.run(args)
 
 

@@ -12,6 +12,9 @@ from pathlib import Path
 import yaml
 
 
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"  # the entry scripts' default
+
+
 class ConfigError(ValueError):
     pass
 
@@ -33,7 +36,8 @@ def _options():
         "compile_cache_dir": o("auto", "reuse the compiled train step across runs (MindSpore compile cache) from "
                                        "this directory; 'auto': $REPLKNET_FN_CACHE or ~/.cache/replknet_fn, "
                                        "under compile_cache/; '': off"),
-        "device_target": o("CPU", "MindSpore device", choices=["CPU", "GPU", "Ascend"]),
+        "device_target": o("auto", "MindSpore device; auto: the one this MindSpore build runs on",
+                           choices=["auto", "CPU", "GPU", "Ascend"]),
         "distribute": o(False, "data-parallel over the processes started by msrun or mpirun"),
         "collective_timeout": o(600, "seconds a rank waits in a collective for a late peer, e.g. while rank 0 "
                                      "saves a large checkpoint (a dead rank is still noticed within ~30 s)",
@@ -99,7 +103,8 @@ def _options():
         "milestones": o([30, 60, 90], "multi_step_decay epochs; step_decay uses decay_epochs as its period",
                         element=int),
         "lr_epoch_stair": o(False, "keep the lr constant within an epoch"),
-        "amp_level": o("O0", "mixed precision (CPU: fp32 'O0' is fastest)", choices=["O0", "O1", "O2", "O3"]),
+        "amp_level": o("auto", "mixed precision; auto: O2 on Ascend/GPU, O0 (fp32, fastest there) on CPU",
+                       choices=["auto", "O0", "O1", "O2", "O3"]),
         "loss_scale_type": o("dynamic", "loss scaling", choices=["dynamic", "static"]),
         "loss_scale": o(65536.0, "initial (dynamic) or fixed (static) loss scale", low=1.0),
         "loss_scale_factor": o(2.0, "dynamic: divide on overflow, multiply after loss_scale_window good steps",

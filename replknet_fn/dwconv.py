@@ -22,6 +22,8 @@ from pathlib import Path
 from mindspore import nn, ops
 from mindspore.common import dtype as mstype
 
+from replknet_fn import device
+
 IMPLEMENTATIONS = ("native", "auto", "direct")
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "dwconv.cc"
@@ -136,7 +138,7 @@ class DepthwiseConv(nn.Conv2d):
     def __init__(self, channels, kernel_size, has_bias=False, automatic=False):
         super().__init__(channels, channels, kernel_size, stride=1, pad_mode="pad", padding=kernel_size // 2,
                          group=channels, has_bias=has_bias)
-        self.direct = direct_conv_op()
+        self.direct = direct_conv_op() if device.cpu_kernels_enabled() else None
         self.automatic = automatic
 
     def use_direct(self, x):

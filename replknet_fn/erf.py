@@ -23,6 +23,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from PIL import Image, ImageDraw, ImageFont
 
+from replknet_fn import device
 from replknet_fn.checkpoint import CheckpointError
 from replknet_fn.ckpt_io import network_from_checkpoint
 from replknet_fn.model import MODELS
@@ -276,7 +277,12 @@ def main(argv=None):
     parser.add_argument("--ckpt2", default=None)
     parser.add_argument("--large_kernel_sizes2", type=int, nargs="+", default=None)
     parser.add_argument("--small_kernel2", default=None)
+    device.add_device_argument(parser)
     args = parser.parse_args(argv)
+    try:
+        device.apply_device_target(args.device_target)
+    except device.DeviceError as error:
+        parser.exit(2, f"error: {error}\n")
     if args.num_images < 1:
         parser.error("--num_images must be at least 1")
     try:

@@ -15,6 +15,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn
 
+from replknet_fn import device
 from replknet_fn.checkpoint import CheckpointError
 from replknet_fn.ckpt_io import network_from_checkpoint
 from replknet_fn.model import MODELS
@@ -97,7 +98,12 @@ def main(argv=None):
     parser.add_argument("--fold_all", action="store_true",
                         help="also fold every conv-BN, pre-BN and the head BN (reparameterize(fold_all=True))")
     parser.add_argument("--out", default=None, help="output path (default: next to the checkpoint)")
+    device.add_device_argument(parser)
     args = parser.parse_args(argv)
+    try:
+        device.apply_device_target(args.device_target)
+    except device.DeviceError as error:
+        parser.exit(2, f"error: {error}\n")
     if args.format == "ONNX":
         sys.exit(f"export: {ONNX_UNAVAILABLE}")
     try:

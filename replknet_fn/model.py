@@ -9,7 +9,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from replknet_fn import dwconv, pointwise
+from replknet_fn import device, dwconv, pointwise
 from replknet_fn.parameters import write_parameter
 
 # Official `get_bn`: nn.BatchNorm2d defaults, eps 1e-5 and PyTorch momentum 0.1 (= MindSpore momentum 0.9).
@@ -159,7 +159,7 @@ class GELU(nn.Cell):
 
     def __init__(self, impl="auto"):
         super().__init__()
-        self.kernel = None if impl == "native" else pointwise.gelu_op()
+        self.kernel = pointwise.gelu_op() if impl != "native" and device.cpu_kernels_enabled() else None
         self.composed = nn.GELU(approximate=False)
 
     def construct(self, x):

@@ -11,7 +11,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.parameter import Parameter, ParameterTuple
 
-from replknet_fn import pointwise
+from replknet_fn import device, pointwise
 
 map_each = ops.HyperMap()
 
@@ -67,7 +67,7 @@ class AdamW(nn.Cell):
         self.weight_decays = tuple(float(decay) for decay in weight_decays)
         self.lr_scales = tuple(float(scale) for scale in lr_scales)
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
-        kernel = pointwise.adamw_op()
+        kernel = pointwise.adamw_op() if device.cpu_kernels_enabled() else None
         self.kernel = kernel if all(param.dtype == ms.float32 for param in params) else None
         # The kernel's per-parameter constants, as graph constants.
         self.kernel_hypers = tuple(ms.Tensor([scale, decay, self.beta1, self.beta2, self.eps], ms.float32)

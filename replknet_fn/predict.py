@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 import mindspore as ms
 import numpy as np
 
-from replknet_fn import data
+from replknet_fn import data, device
 from replknet_fn.checkpoint import CheckpointError, load_parameters, read_checkpoint
 from replknet_fn.ckpt_io import network_from_checkpoint
 from replknet_fn.config import Config
@@ -252,7 +252,12 @@ def main(argv=None):
     parser.add_argument("--num_workers", type=int, default=2, help="image decoding processes (0: in this one)")
     parser.add_argument("--large_kernel_impl", default="native", choices=IMPLEMENTATIONS)
     parser.add_argument("--json", action="store_true", help="one JSON object per image on stdout (JSON lines)")
+    device.add_device_argument(parser)
     args = parser.parse_args(argv)
+    try:
+        device.apply_device_target(args.device_target)
+    except device.DeviceError as error:
+        parser.exit(2, f"error: {error}\n")
     for name in ("top_k", "batch_size", "image_size"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -5,6 +5,7 @@ import pytest
 
 from conftest import ROOT
 from replknet_fn.config import DEFAULTS, Config, ConfigError, parse_config, save_config
+from replknet_fn.device import resolve_amp_level
 from replknet_fn.schedule import create_lr_schedule
 
 
@@ -79,10 +80,12 @@ def test_31b_config_is_the_reference_recipe():
                   scheduler="cosine_decay", warmup_epochs=20, epoch_size=300, min_lr=1e-6, drop_path_rate=0.4,
                   scale=(0.08, 1.0), ratio=(0.75, 1.333), interpolation="bicubic", hflip=0.5,
                   auto_augment="randaug-m9-mstd0.5", color_jitter=0.4, re_prob=0.25, mixup=0.8, cutmix=1.0,
-                  label_smoothing=0.1, amp_level="O2", loss_scale_type="dynamic", loss_scale=65536.0,
+                  label_smoothing=0.1, amp_level="auto", loss_scale_type="dynamic", loss_scale=65536.0,
                   clip_grad=True, clip_value=5.0, crop_pct=0.875, image_resize=224, keep_checkpoint_max=10,
                   ckpt_save_policy="top_k", val_while_train=True, val_interval=1, model="replknet31_base")
     assert {key: config[key] for key in recipe} == recipe
+    # auto is the recipe's AMP O2 where the recipe ran (Ascend; GPU too), fp32 on the CPU
+    assert [resolve_amp_level(config.amp_level, target) for target in ("Ascend", "GPU", "CPU")] == ["O2", "O2", "O0"]
 
 
 def schedule_config(**overrides):

@@ -236,10 +236,10 @@ def test_ema_follows_its_formula():
 
 
 def test_mixed_precision_o2_step_trains_with_fp32_loss():
-    from train_with_func import forward_network
+    from replknet_fn.device import mixed_precision
     config = tiny_config(amp_level="O2", lr=3e-3)
     state = tiny_state(config)
-    step = make_train_step(state, config, net=forward_network(state.net, "O2"))
+    step = make_train_step(state, config, net=mixed_precision(state.net, "O2"))
     images, targets = batch(16)
     losses = [float(step(images, targets, ms.Tensor(3e-3, ms.float32))[0].asnumpy()) for _ in range(8)]
     assert losses[-1] < 0.8 * losses[0]
