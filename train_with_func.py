@@ -8,6 +8,7 @@ Every key of the config is also a flag (`--lr 1e-3`); see `python train_with_fun
 in a debugger, run with `--jit False`: the identical step runs eagerly.
 """
 import json
+import logging
 import math
 import sys
 import time
@@ -23,83 +24,58 @@ from replknet_fn.evaluation import evaluate, make_eval_step
 from replknet_fn.model import create_model, set_drop_path_seed
 from replknet_fn.optim import create_optimizer
 from replknet_fn.parameters import write_parameter
-from replknet_fn.pretrained import load_pretrained
+from replknet_fn.runlog import Progress, TensorBoard, close_logging, format_duration, setup_logging
 from replknet_fn.schedule import create_lr_schedule
 from replknet_fn.step import make_train_step
 from replknet_fn.train_state import EMA, TrainState, create_loss_scale
+from replknet_fn.weights import load_pretrained
+
+log = logging.getLogger("replknet_fn.train")
+
 
 class TrainingDiverged(RuntimeError):
     pass
 
 
-class RunLog:
-    """Rank 0 prints and appends to ckpt_save_dir/train.log and writes TensorBoard scalars; other ranks are
-    silent."""
-
-    def __init__(self, directory, rank, tensorboard):
-        self.active = rank == 0
-        self.file = open(Path(directory) / "train.log", "a") if self.active else None
-        self.writer = None
-        if self.active and tensorboard:
-            from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(str(Path(directory) / "tensorboard"))
-
-    def __call__(self, message):
-        if self.active:
-            line = f"[{time.strftime('%H:%M:%S')}] {message}"
-            print(line, flush=True)
-            self.file.write(line + "\n")
-            self.file.flush()
-
-    def scalars(self, step, **values):
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(name, value, step)
-
-    def close(self):
-        if self.writer is not None:
-            self.writer.close()
-        if self.file is not None:
-            self.file.close()
-
-
-def load_data(config, log):
+def load_data(config):
     if not config.data_dir:
         from replknet_fn.demo_data import ensure_demo_dataset
         config.data_dir = str(ensure_demo_dataset(config.demo_data_dir))
-        log(f"no data_dir given: using the built-in demo data set in {config.data_dir}")
-    train_samples, val_samples, class_names = data.find_splits(config.data_dir)
+        log.info("no data_dir given: using the built-in demo data set in %s", config.data_dir)
+    # Without validation, no validation split is needed (e.g. ImageNet-22K pretraining).
+    val_split = config.val_split if config.val_while_train else None
+    train_samples, val_samples, class_names = data.find_splits(config.data_dir, config.train_split, val_split)
     if len(class_names) != config.num_classes:
-        raise ConfigError(f"num_classes={config.num_classes} but {config.data_dir}/train has {len(class_names)} "
-                          "class folders; set --num_classes to match")
+        raise ConfigError(f"num_classes={config.num_classes} but {config.data_dir}/{config.train_split} has "
+                          f"{len(class_names)} class folders; set --num_classes to match")
     if config.scan_data:
-        log(f"scanning {len(train_samples) + len(val_samples)} images...")
+        log.info("scanning %d images...", len(train_samples) + len(val_samples))
         bad = data.scan_images(train_samples + val_samples, config.num_parallel_workers)
         for path, error in bad:
-            log(f"  unreadable: {path}: {error}")
-        log(f"scan: {len(bad)} unreadable image(s); they will be skipped")
+            log.info("  unreadable: %s: %s", path, error)
+        log.info("scan: %d unreadable image(s); they will be skipped", len(bad))
     return train_samples, val_samples, class_names
 
 
 def build_train_state(config, num_classes):
     net = create_model(config.model, num_classes=num_classes, drop_path_rate=config.drop_path_rate,
                        large_kernel_impl=config.large_kernel_impl, recompute=config.recompute)
-    if config.pretrained:
+    if config.pretrained or config.ckpt_path:  # mindcv's convention: --ckpt_path alone starts from those weights
         load_pretrained(net, config.ckpt_path)
     optimizer = create_optimizer(net, config)
     ema = EMA(net, config.ema_decay) if config.ema else None
     return TrainState(net, optimizer, create_loss_scale(config), ema)
 
 
-def resume(state, config, log):
+def resume(state, config):
     path = config.resume
     if path == "auto":
-        path = find_resume_checkpoint(config.ckpt_save_dir, log)
+        path = find_resume_checkpoint(config.ckpt_save_dir)
         if path is None:
-            log(f"resume auto: no valid checkpoint in {config.ckpt_save_dir}; starting from scratch")
+            log.info("resume auto: no valid checkpoint in %s; starting from scratch", config.ckpt_save_dir)
             return
     restore_train_state(state, path)
-    log(f"resumed from {path}: epoch {state.epoch}, batch {state.batch_in_epoch}, step {state.step}")
+    log.info("resumed from %s: epoch %d, batch %d, step %d", path, state.epoch, state.batch_in_epoch, state.step)
 
 
 def swap_in_ema(state):
@@ -110,9 +86,9 @@ def swap_in_ema(state):
         write_parameter(average, current)
 
 
-def validate(state, eval_step, val_samples, config, rank, world_size, sum_across_ranks, log, stats=None):
+def validate(state, eval_step, val_samples, config, rank, world_size, sum_across_ranks, stats=None):
     batches = data.eval_batches(val_samples, config, rank, world_size, stats=stats)
-    metrics = evaluate(state.net, eval_step, batches, sum_across_ranks, log=log,
+    metrics = evaluate(state.net, eval_step, batches, sum_across_ranks,
                        num_batches=data.num_eval_batches(len(val_samples), config.batch_size, world_size))
     if state.ema is not None:
         swap_in_ema(state)
@@ -123,14 +99,18 @@ def validate(state, eval_step, val_samples, config, rank, world_size, sum_across
     return metrics
 
 
-def save_epoch_checkpoints(state, config, meta, metrics, log):
-    """last (always), the epoch checkpoint under the keep policy, and best by validation top-1."""
+def save_epoch_checkpoints(state, config, meta, metrics):
+    """last (always), the epoch checkpoint under the keep policy, best by validation top-1, and with EMA the
+    best by EMA top-1 (the official scripts' checkpoint-best-ema)."""
     directory = Path(config.ckpt_save_dir)
     last = directory / f"{config.model}-last.ckpt"
     top1 = metrics.get("top1", -1.0) if metrics else -1.0
     improved = metrics is not None and top1 > state.best_top1
     if improved:
         state.best_top1, state.best_epoch = top1, state.epoch
+    ema_improved = metrics is not None and "ema_top1" in metrics and metrics["ema_top1"] > state.best_ema_top1
+    if ema_improved:
+        state.best_ema_top1, state.best_ema_epoch = metrics["ema_top1"], state.epoch
     epoch_name = f"{config.model}-epoch{state.epoch:04d}.ckpt"
     kept, removed = select_kept(state.kept_checkpoints + [(top1, state.epoch, epoch_name)],
                                 config.ckpt_save_policy, config.keep_checkpoint_max)
@@ -142,7 +122,10 @@ def save_epoch_checkpoints(state, config, meta, metrics, log):
         (directory / name).unlink(missing_ok=True)
     if improved:
         link_or_copy(last, directory / f"{config.model}-best.ckpt")
-        log(f"new best top-1 {top1:.2f}% at epoch {state.epoch}")
+        log.info("new best top-1 %.2f%% at epoch %d", top1, state.epoch)
+    if ema_improved:
+        link_or_copy(last, directory / f"{config.model}-best-ema.ckpt")
+        log.info("new best EMA top-1 %.2f%% at epoch %d", state.best_ema_top1, state.epoch)
 
 
 def save_last_checkpoint(state, config, meta, rank, world_size):
@@ -161,15 +144,15 @@ def run_train_step(train_step, state, config, images, targets, lr):
     return float(loss.asnumpy()), float(grad_norm.asnumpy()), bool(finite.asnumpy()), float(loss_scale.asnumpy())
 
 
-def record_skips(state, finite, loss_scale, config, log):
+def record_skips(state, finite, loss_scale, config):
     """Count a skipped (non-finite) step; stop the run after `max_consecutive_skips` in a row."""
     if finite:
         state.consecutive_skips = 0
         return
     state.skipped_steps += 1
     state.consecutive_skips += 1
-    log(f"epoch {state.epoch + 1} step {state.batch_in_epoch}: non-finite gradients, update skipped, loss scale "
-        f"now {loss_scale:g}")
+    log.info("epoch %d step %d: non-finite gradients, update skipped, loss scale now %g", state.epoch + 1,
+             state.batch_in_epoch, loss_scale)
     if state.consecutive_skips >= config.max_consecutive_skips:
         raise TrainingDiverged(
             f"{state.consecutive_skips} consecutive steps had non-finite loss or gradients (limit "
@@ -178,34 +161,35 @@ def record_skips(state, finite, loss_scale, config, log):
 
 
 class ProgressWindow:
-    """Steps and time since the last progress line, and the loss summed over its finite steps."""
+    """The steps since the last progress line: their speed, and the loss summed over the finite ones."""
 
-    def __init__(self):
-        self.start, self.steps, self.timed_steps, self.finite_steps, self.loss_sum = time.time(), 0, 0, 0, 0.0
+    def __init__(self, state, total_steps):
+        self.progress = Progress(total_steps).update(state.step)
+        self.steps, self.finite_steps, self.loss_sum = 0, 0, 0.0
 
-    def add(self, loss, finite, timed=True):
+    def add(self, state, loss, finite, timed=True):
         """`timed=False` for a step whose time says nothing of the speed (a run's first step compiles the graph):
         the clock restarts after it."""
         self.steps += 1
         if timed:
-            self.timed_steps += 1
+            self.progress.update(state.step)
         else:
-            self.start = time.time()
+            self.progress.restart(state.step)
         if finite:
             self.finite_steps += 1
             self.loss_sum += loss
 
 
-def log_progress(log, window, state, config, steps_per_epoch, total_steps, world_size, lr, grad_norm, loss_scale):
+def log_progress(tensorboard, window, state, config, steps_per_epoch, world_size, lr, grad_norm, loss_scale):
     """One progress line (and TensorBoard scalars). Skipped steps count for speed and ETA, not for the mean loss;
     a window whose every step was skipped has no loss to show (and a non-finite grad norm is not plotted)."""
     scalars = {"train/lr": lr, "train/loss_scale": loss_scale}
-    if window.timed_steps:
-        elapsed = max(time.time() - window.start, 1e-9)
-        scalars["train/images_per_second"] = (config.batch_size * config.accumulation_steps * world_size
-                                              * window.timed_steps / elapsed)
-        eta = elapsed / window.timed_steps * (total_steps - state.step)
-        speed_text = f"{scalars['train/images_per_second']:.1f} img/s ETA {format_duration(eta)}"
+    steps_per_second = window.progress.rate()
+    if steps_per_second is not None:
+        images_per_step = config.batch_size * config.accumulation_steps * world_size
+        scalars["train/images_per_second"] = steps_per_second * images_per_step
+        speed_text = (f"{scalars['train/images_per_second']:.1f} img/s ETA "
+                      f"{format_duration((window.progress.total - state.step) / steps_per_second)}")
     else:
         speed_text = "(img/s and ETA from the next step on)"
     if math.isfinite(grad_norm):  # tensorboardX rejects inf/NaN with a bare "NaN or Inf found in input tensor."
@@ -216,9 +200,15 @@ def log_progress(log, window, state, config, steps_per_epoch, total_steps, world
         loss_text = f"{scalars['train/loss']:.4f}"
     else:
         loss_text = f"- ({window.steps} skipped)"
-    log(f"epoch {state.epoch + 1}/{config.epoch_size} step {state.batch_in_epoch}/{steps_per_epoch} "
-        f"loss {loss_text} lr {lr:.3g} loss_scale {loss_scale:g} grad_norm {grad_norm:.3f} {speed_text}")
-    log.scalars(state.step, **scalars)
+    log.info("epoch %d/%d step %d/%d loss %s lr %.3g loss_scale %g grad_norm %.3f %s", state.epoch + 1,
+             config.epoch_size, state.batch_in_epoch, steps_per_epoch, loss_text, lr, loss_scale, grad_norm,
+             speed_text)
+    tensorboard.scalars(state.step, **scalars)
+
+
+def format_metrics(metrics):
+    return ", ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+                     for key, value in metrics.items())
 
 
 def main(argv=None):
@@ -228,17 +218,19 @@ def main(argv=None):
     rank, world_size = dist.init_distributed(config.distribute, config.collective_timeout)
     ms.set_seed(config.seed)
     check_writable(config.ckpt_save_dir)
-    log = RunLog(config.ckpt_save_dir, rank, config.tensorboard)
+    setup_logging(rank, config.ckpt_save_dir)
+    tensorboard = TensorBoard(config.ckpt_save_dir, rank, config.tensorboard)
     if rank == 0:
         save_config(config, Path(config.ckpt_save_dir) / "config.yaml")
-    log(f"config {config.config or '(defaults)'}; rank {rank} of {world_size}; "
-        f"global batch {config.batch_size * world_size}; device {config.device_target}, amp_level {config.amp_level}; "
-        f"compiled CPU kernels {'on' if device.cpu_kernels_enabled() else 'off'}")
+    log.info("config %s; rank %d of %d; global batch %d; device %s, amp_level %s; compiled CPU kernels %s",
+             config.config or "(defaults)", rank, world_size, config.batch_size * world_size, config.device_target,
+             config.amp_level, "on" if device.cpu_kernels_enabled() else "off")
     if config.device_target == "CPU" and config.amp_level != "O0":
-        log(f"note: amp_level {config.amp_level} on CPU is slower than O0 (RepLKNet-31B here: ~19 s vs 2.1 s a "
-            f"step; the compiled kernels are float32 only); pass --amp_level auto (O0 on CPU) unless you test AMP")
+        log.info("note: amp_level %s on CPU is slower than O0 (RepLKNet-31B here: ~19 s vs 2.1 s a step; the "
+                 "compiled kernels are float32 only); pass --amp_level auto (O0 on CPU) unless you test AMP",
+                 config.amp_level)
 
-    train_samples, val_samples, class_names = load_data(config, log)
+    train_samples, val_samples, class_names = load_data(config)
     steps_per_epoch = data.num_train_batches(len(train_samples), config.batch_size * config.accumulation_steps,
                                              world_size)
     if steps_per_epoch == 0:
@@ -250,7 +242,7 @@ def main(argv=None):
         check_free_space(config.ckpt_save_dir, state)
     lr_at = create_lr_schedule(config, steps_per_epoch)
     if config.resume:
-        resume(state, config, log)
+        resume(state, config)
     dist.broadcast_parameters(list(state.parameters().values()), world_size)
     dist.check_same_on_all_ranks({"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
                                   "step": state.step}, world_size)
@@ -259,10 +251,10 @@ def main(argv=None):
                                  net=device.mixed_precision(state.net, config.amp_level))
     cache_dir = compile_cache.step_cache_dir(config, world_size) if config.jit else None
     if cache_dir is not None and not compile_cache.cache_available():
-        log("train step compile cache: not used (another train step in this process used it)")
+        log.info("train step compile cache: not used (another train step in this process used it)")
         cache_dir = None
     if cache_dir is not None:
-        log(f"train step compile cache: {cache_dir} ({'reused' if cache_dir.exists() else 'new: compiling'})")
+        log.info("train step compile cache: %s (%s)", cache_dir, "reused" if cache_dir.exists() else "new: compiling")
         train_step = compile_cache.with_compile_cache(train_step, cache_dir)
     eval_step = make_eval_step(device.mixed_precision(state.net, config.amp_level), config.jit)
     sum_across_ranks = dist.make_sum_across_ranks(world_size)
@@ -272,15 +264,15 @@ def main(argv=None):
     # One train step consumes accumulation_steps micro-batches: the loader yields them as one batch.
     data_config = Config(config, batch_size=config.batch_size * config.accumulation_steps)
     total_steps = config.epoch_size * steps_per_epoch
-    log(f"{len(train_samples)} train / {len(val_samples)} val images, {len(class_names)} classes; "
-        f"{steps_per_epoch} steps per epoch, {total_steps} in all")
+    log.info("%d train / %d val images, %d classes; %d steps per epoch, %d in all", len(train_samples),
+             len(val_samples), len(class_names), steps_per_epoch, total_steps)
 
     run_start, first_step = time.time(), state.step
     metrics = None
     while state.epoch < config.epoch_size:
         epoch = state.epoch
         state.net.set_train(True)
-        window = ProgressWindow()
+        window = ProgressWindow(state, total_steps)
         batches = data.train_batches(train_samples, len(class_names), data_config, epoch, rank, world_size,
                                      start_batch=state.batch_in_epoch, stats=stats)
         for images, targets in batches:
@@ -289,56 +281,50 @@ def main(argv=None):
             loss, grad_norm, finite, loss_scale = run_train_step(train_step, state, config, images, targets, lr)
             compiled_now = state.step == first_step + 1
             if compiled_now:
-                log(f"first step done in {time.time() - step_start:.1f} s"
-                    + (" (compiling the train step included)" if config.jit else ""))
-            record_skips(state, finite, loss_scale, config, log)
-            window.add(loss, finite, timed=not compiled_now)
+                log.info("first step done in %.1f s%s", time.time() - step_start,
+                         " (compiling the train step included)" if config.jit else "")
+            record_skips(state, finite, loss_scale, config)
+            window.add(state, loss, finite, timed=not compiled_now)
             if state.batch_in_epoch % config.log_interval == 0 or state.batch_in_epoch == steps_per_epoch:
-                log_progress(log, window, state, config, steps_per_epoch, total_steps, world_size, lr, grad_norm,
+                log_progress(tensorboard, window, state, config, steps_per_epoch, world_size, lr, grad_norm,
                              loss_scale)
-                window = ProgressWindow()
+                window = ProgressWindow(state, total_steps)
             if config.ckpt_save_steps and state.step % config.ckpt_save_steps == 0 \
                     and state.batch_in_epoch < steps_per_epoch:
                 save_last_checkpoint(state, config, meta, rank, world_size)
             if config.max_steps and state.step >= config.max_steps:
                 break
         if config.max_steps and state.step >= config.max_steps and state.batch_in_epoch < steps_per_epoch:
-            log(f"max_steps={config.max_steps} reached mid-epoch")
+            log.info("max_steps=%d reached mid-epoch", config.max_steps)
             save_last_checkpoint(state, config, meta, rank, world_size)
             break
         state.epoch, state.batch_in_epoch = epoch + 1, 0
         dist.average_over_ranks(state.rank_local_parameters(), world_size)  # BN statistics: validate what is saved
         metrics = None
         if config.val_while_train and (state.epoch % config.val_interval == 0 or state.epoch == config.epoch_size):
-            metrics = validate(state, eval_step, val_samples, config, rank, world_size, sum_across_ranks, log,
-                               stats)
-            log(f"epoch {state.epoch} validation: " + ", ".join(f"{key} {value:.4f}" if isinstance(value, float)
-                                                                else f"{key} {value}"
-                                                                for key, value in metrics.items()))
-            log.scalars(state.step, **{f"val/{key}": value for key, value in metrics.items()})
+            metrics = validate(state, eval_step, val_samples, config, rank, world_size, sum_across_ranks, stats)
+            log.info("epoch %d validation: %s", state.epoch, format_metrics(metrics))
+            tensorboard.scalars(state.step, **{f"val/{key}": value for key, value in metrics.items()})
         if stats.skipped:
-            log(f"epoch {state.epoch}: {stats.skipped} unreadable image(s) skipped or replaced")
+            log.info("epoch %d: %d unreadable image(s) skipped or replaced", state.epoch, stats.skipped)
             stats.skipped = 0
         if rank == 0:
-            save_epoch_checkpoints(state, config, meta, metrics, log)
+            save_epoch_checkpoints(state, config, meta, metrics)
         if config.max_steps and state.step >= config.max_steps:
             break
-    log(f"done in {format_duration(time.time() - run_start)}: {state.step} steps, {state.skipped_steps} skipped; "
-        f"best top-1 {state.best_top1:.2f}% (epoch {state.best_epoch})")
+    validated = state.best_epoch >= 0
+    log.info("done in %s: %d steps, %d skipped; %s", format_duration(time.time() - run_start), state.step,
+             state.skipped_steps, f"best top-1 {state.best_top1:.2f}% (epoch {state.best_epoch})" if validated
+             else "not validated (no epoch with validation finished)")
     summary = {"epochs": state.epoch, "steps": state.step, "skipped_steps": state.skipped_steps,
-               "unreadable_images": len(stats.bad_files), "best_top1": state.best_top1,
+               "unreadable_images": len(stats.bad_files), "best_top1": state.best_top1 if validated else None,
                "seconds": round(time.time() - run_start, 1)}
     if metrics is not None:
         summary.update(metrics)
-    log(json.dumps(summary))
-    log.close()
+    log.info(json.dumps(summary))
+    tensorboard.close()
+    close_logging()
     return state, metrics
-
-
-def format_duration(seconds):
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 if __name__ == "__main__":
@@ -346,6 +332,7 @@ if __name__ == "__main__":
         main()
     except (ConfigError, CheckpointError, data.DataError, TrainingDiverged, dist.DistributedError,
             device.DeviceError) as error:
+        close_logging()
         sys.exit(f"error: {error}")
     except RuntimeError as error:
         explanation = dist.explain_failure(error)

@@ -1,4 +1,5 @@
 """Checkpoints of a whole `TrainState`: written atomically, verified by CRC, found again by `--resume auto`.
+(Turning a checkpoint or official weights into a network is `weights.py`'s job.)
 
 A checkpoint is one MindSpore `.ckpt` holding every Parameter of the train state (weights, BN statistics,
 optimizer moments, loss scale, EMA) plus one JSON string `replknet_fn` with the loop's counters, the model's
@@ -6,6 +7,7 @@ build arguments, the class names and the resolved config. Files are written to a
 disk, then renamed, so a crash mid-write never leaves a file that a resume would load.
 """
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +17,7 @@ import numpy as np
 
 from replknet_fn.parameters import write_parameter
 
+log = logging.getLogger(__name__)
 META_KEY = "replknet_fn"
 FORMAT_VERSION = 1
 
@@ -101,20 +104,6 @@ def restore_train_state(state, path):
     return meta
 
 
-def load_weights(net, path, use_ema=False):
-    """Load network weights from one of our checkpoints (training state or plain weights) into `net`.
-
-    With `use_ema`, the EMA weights (`ema.` entries) are loaded instead. Returns the metadata."""
-    from replknet_fn.convert import net_parameters
-    params, meta = read_checkpoint(path)
-    if use_ema:
-        if not any(name.startswith("ema.") for name in params):
-            raise CheckpointError(f"{path} holds no EMA weights (train with --ema True)")
-        params = {name[len("ema."):]: value for name, value in params.items() if name.startswith("ema.")}
-    load_parameters(net_parameters(net), params, path)
-    return meta
-
-
 def verify(path):
     """None if `path` is a complete checkpoint of ours, else the reason it is not."""
     try:
@@ -126,8 +115,8 @@ def verify(path):
     return None
 
 
-def find_resume_checkpoint(directory, log=print):
-    """The newest checkpoint in `directory` that verifies; says which newer ones it skipped and why."""
+def find_resume_checkpoint(directory):
+    """The newest checkpoint in `directory` that verifies; logs which newer ones it skipped and why."""
     directory = Path(directory)
     candidates = sorted((path for path in directory.glob("*.ckpt") if not path.name.startswith(".")),
                         key=lambda path: path.stat().st_mtime, reverse=True)
@@ -135,7 +124,7 @@ def find_resume_checkpoint(directory, log=print):
         reason = verify(path)
         if reason is None:
             return path
-        log(f"resume: skipping {path.name}: {reason}")
+        log.info("resume: skipping %s: %s", path.name, reason)
     return None
 
 

@@ -26,18 +26,8 @@ import mindspore as ms
 from mindspore.common import api as mindspore_api
 
 from replknet_fn import dwconv
+from replknet_fn.config import OPTIONS
 
-# Config keys that never reach the step graph (host-side schedule, data, logging, files). Every other key is part
-# of a cache directory's name: a new key is then safe by default (at worst it costs a cache miss).
-HOST_ONLY_KEYS = {
-    "config", "seed", "resume", "max_steps", "data_dir", "demo_data_dir", "num_parallel_workers", "scale", "ratio",
-    "interpolation", "hflip", "auto_augment", "color_jitter", "re_prob", "mixup", "cutmix", "cutmix_prob",
-    "mixup_switch_prob", "label_smoothing", "crop_pct", "scan_data", "pretrained", "ckpt_path", "use_ema",
-    "reparam", "epoch_size", "lr", "min_lr", "scheduler", "warmup_epochs", "warmup_factor", "decay_epochs",
-    "decay_rate", "milestones", "lr_epoch_stair", "max_consecutive_skips", "val_while_train", "val_interval",
-    "ckpt_save_dir", "ckpt_save_policy", "ckpt_save_steps", "keep_checkpoint_max", "log_interval", "tensorboard",
-    "compile_cache_dir", "collective_timeout",
-}
 ENABLE, PATH = "MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH"
 # Every edit of the sources or the config makes a new entry (4-15 MB each, measured): the cache keeps the most
 # recently used ones and deletes the rest, but never one used within the last hour (another run may be using it).
@@ -75,7 +65,7 @@ def step_cache_dir(config, world_size):
     root = cache_root(config.compile_cache_dir)
     if root is None or world_size > 1:
         return None
-    graph_config = {key: value for key, value in config.items() if key not in HOST_ONLY_KEYS}
+    graph_config = {key: value for key, value in config.items() if key not in OPTIONS or OPTIONS[key].graph}
     description = json.dumps({"config": graph_config, "world_size": world_size, "sources": source_digest(),
                               "mindspore": ms.__version__, "python": platform.python_version(),
                               "cpu": dwconv.cpu_description()}, sort_keys=True, default=str)

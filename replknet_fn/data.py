@@ -75,37 +75,42 @@ def list_image_folder(root):
     return samples, class_names
 
 
-def find_splits(data_dir):
-    """(train_samples, val_samples, class_names) of `data_dir/train` and `data_dir/val`.
-
-    Raises DataError for a missing folder, a split without images, or class folders that differ between
-    train and val (labels would silently mean different classes). An empty class folder only warns."""
-    layout = f"expected {os.path.join(data_dir, 'train', '<class>', '<image>')} and the same under val/"
+def find_split(data_dir, split):
+    """(samples, class_names) of `data_dir/split`. Raises DataError for a missing folder or a split without
+    images; an empty class folder only warns."""
+    layout = f"expected {os.path.join(data_dir, split, '<class>', '<image>')}"
     if not os.path.isdir(data_dir):
         raise DataError(f"data_dir {data_dir!r} does not exist or is not a directory ({layout})")
-    splits = {}
-    for split in ("train", "val"):
-        split_dir = os.path.join(data_dir, split)
-        if not os.path.isdir(split_dir):
-            found = sorted(os.listdir(data_dir))
-            raise DataError(f"data_dir {data_dir!r} has no {split}/ folder ({layout}); it contains: {found}")
-        samples, class_names = list_image_folder(split_dir)
-        if not class_names:
-            raise DataError(f"{split_dir!r} has no class folders ({layout})")
-        if not samples:
-            raise DataError(f"{split_dir!r} has {len(class_names)} class folders but no images "
-                            f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
-        counts = np.bincount([label for _, label in samples], minlength=len(class_names))
-        for class_name, count in zip(class_names, counts):
-            if count == 0:
-                log.warning("class folder %s has no images", os.path.join(split_dir, class_name))
-        splits[split] = samples, class_names
-    (train, train_classes), (val, val_classes) = splits["train"], splits["val"]
+    split_dir = os.path.join(data_dir, split)
+    if not os.path.isdir(split_dir):
+        found = sorted(os.listdir(data_dir))
+        raise DataError(f"data_dir {data_dir!r} has no {split}/ folder ({layout}); it contains: {found}")
+    samples, class_names = list_image_folder(split_dir)
+    if not class_names:
+        raise DataError(f"{split_dir!r} has no class folders ({layout})")
+    if not samples:
+        raise DataError(f"{split_dir!r} has {len(class_names)} class folders but no images "
+                        f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+    counts = np.bincount([label for _, label in samples], minlength=len(class_names))
+    for class_name, count in zip(class_names, counts):
+        if count == 0:
+            log.warning("class folder %s has no images", os.path.join(split_dir, class_name))
+    return samples, class_names
+
+
+def find_splits(data_dir, train_split="train", val_split="val"):
+    """(train_samples, val_samples, class_names) of `data_dir/train_split` and `data_dir/val_split` (val_split
+    None: no validation split, val_samples empty). Raises DataError as find_split does, and when the class
+    folders differ between the splits (labels would silently mean different classes)."""
+    train, train_classes = find_split(data_dir, train_split)
+    if val_split is None:
+        return train, [], train_classes
+    val, val_classes = find_split(data_dir, val_split)
     if train_classes != val_classes:
         only_train = sorted(set(train_classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(train_classes))
-        raise DataError(f"class folders differ between train/ and val/ in {data_dir!r}: "
-                        f"only in train/: {only_train}; only in val/: {only_val}")
+        raise DataError(f"class folders differ between {train_split}/ and {val_split}/ in {data_dir!r}: "
+                        f"only in {train_split}/: {only_train}; only in {val_split}/: {only_val}")
     return train, val, train_classes
 
 
@@ -766,6 +771,12 @@ def eval_batches(samples, config, rank=0, world_size=1, stats=None):
     workers = getattr(config, "num_parallel_workers", 0)
     stats = stats if stats is not None else DataStats()
     return _recorded(_map_in_workers(job, range(num_batches), workers), stats)
+
+
+def warps_at_eval(settings):
+    """Whether evaluation resizes the whole image to a square (the official datasets.py at image_resize >= 384)
+    instead of resizing its shorter side and cropping the centre."""
+    return settings.eval_resize == "warp" or (settings.eval_resize == "auto" and settings.image_resize >= 384)
 
 
 def _recorded(batches, stats):

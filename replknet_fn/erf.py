@@ -1,10 +1,11 @@
 """Effective receptive field (ERF) maps and high-contribution area ratios, by the official RepLKNet method.
 
-    python -m replknet_fn.erf --model NAME [--ckpt CKPT] --data_dir VAL_DIR --num_images 50 --input_size 1024
-                              --out OUT [--compare MODEL2 [--ckpt2 CKPT2]]
+    python -m replknet_fn.erf --model NAME [--ckpt_path CKPT] --data_dir VAL_DIR --num_images 50
+                              --image_resize 1024 --out OUT [--compare MODEL2 [--ckpt2 CKPT2]]
 
 Method of the official `erf/visualize_erf.py` and `erf/analyze_erf.py` (RepLKNet paper, Fig. 1 and Table 3):
-each image is resized to input_size x input_size (bicubic) and ImageNet-normalized; the contribution score map is
+each image is resized to image_resize x image_resize (bicubic) and normalized (ImageNet's mean and std, or what
+the checkpoint was trained with; RepLKNet-XL: 0.5); the contribution score map is
 the positive part of the gradient, with respect to the input, of the ReLU'd, channel-summed central point of the
 last stage's feature map (before the final norm), summed over RGB; maps are averaged over images. For display and
 for the area ratios the average is mapped through log10(x + 1) and divided by its maximum.
@@ -13,6 +14,7 @@ Writes OUT.npy (the averaged raw scores, as the official visualize_erf saves the
 model's go to OUT_compare.npy) and OUT.png (heat map with a colour bar; two panels with --compare).
 """
 import argparse
+import logging
 import math
 import sys
 import time
@@ -25,13 +27,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 from replknet_fn import device
 from replknet_fn.checkpoint import CheckpointError
-from replknet_fn.ckpt_io import network_from_checkpoint
-from replknet_fn.model import MODELS
+from replknet_fn.config import add_option, parse_tool_args
+from replknet_fn.model import create_model
+from replknet_fn.runlog import Progress, setup_logging
+from replknet_fn.weights import eval_preprocessing, network_from_checkpoint
 
+log = logging.getLogger(__name__)
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
-# timm's IMAGENET_DEFAULT_MEAN / _STD, which the official script normalizes with.
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 
 
@@ -63,7 +65,7 @@ def erf_map(net, images, num_images=None, jit=True):
         grad = grad_fn(ms.Tensor(np.asarray(image, np.float32)[None])).asnumpy()
         scores = np.maximum(grad, 0).sum(axis=(0, 1), dtype=np.float64)
         if np.isnan(scores.sum()):
-            print("erf: NaN contribution scores, image skipped", file=sys.stderr)
+            log.warning("erf: NaN contribution scores, image skipped")
             continue
         total = scores if total is None else total + scores
         count += 1
@@ -132,38 +134,36 @@ def list_images(data_dir):
     return files
 
 
-def load_image(path, input_size):
-    """The official ERF preprocessing: resize to input_size x input_size (bicubic), to [0, 1], ImageNet-normalize.
+def load_image(path, image_size, mean, std):
+    """The official ERF preprocessing: resize to image_size x image_size (bicubic), to [0, 1], normalize.
     Returns a (3, H, W) float32 array."""
     with Image.open(path) as image:
-        image = image.convert("RGB").resize((input_size, input_size), Image.BICUBIC)
+        image = image.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
     pixels = np.asarray(image, np.float32) / 255.0
-    return ((pixels - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+    return ((pixels - np.float32(mean)) / np.float32(std)).transpose(2, 0, 1)
 
 
-def read_images(files, input_size):
+def read_images(files, image_size, mean, std):
     """Yield preprocessed images; an unreadable file is reported by name and skipped."""
     for path in files:
         try:
-            image = load_image(path, input_size)
+            image = load_image(path, image_size, mean, std)
         except OSError as error:
-            print(f"erf: skipping {path}: {error}", file=sys.stderr)
+            log.warning("erf: skipping %s: %s", path, error)
             continue
         yield image
 
 
 def with_progress(items, total, label, every=None):
-    """Yield `items`, printing how many were taken, the time per item and the ETA (the first item, which also
-    compiles the gradient, is left out of the rate)."""
+    """Yield `items`, logging how many were taken, the rate and the ETA (the first item, which also compiles the
+    gradient, is left out of the rate)."""
     every = every or max(1, total // 20)
-    first_done = time.time()
+    progress = Progress(total)
     for done, item in enumerate(items):
         if done == 1:
-            first_done = time.time()
+            progress.restart(1)
         if done >= 2 and done % every == 0:
-            rate = (time.time() - first_done) / (done - 1)
-            print(f"{label}: {done}/{total} images, {rate:.2f} s/image, ETA {(total - done) * rate:.0f} s",
-                  flush=True)
+            log.info("%s: %d/%d images, %s", label, done, total, progress.update(done).describe("images"))
         yield item
 
 
@@ -236,20 +236,25 @@ def render_png(maps, path, titles=None):
 # ---- command line -------------------------------------------------------------------------------------------
 
 def model_erf(name, ckpt, overrides, files, args):
-    try:
-        net = network_from_checkpoint(name, ckpt, **overrides)
-    except CheckpointError as error:
-        raise CheckpointError(f"{ckpt}: {error}") from None
+    """(label, averaged raw scores) of one network: `name` with the weights of `ckpt`, or untrained."""
+    if ckpt:
+        net, record = network_from_checkpoint(ckpt, name, **overrides)
+        name = record.get("model", name)
+    else:
+        net, record = create_model(name, drop_path_rate=0.0, **overrides), {}
+        net.set_train(False)
+    preprocessing = eval_preprocessing(record, name)
     label = name + "".join(f" {key}={value}" for key, value in overrides.items())
-    print(f"{label}: {'weights from ' + ckpt if ckpt else 'untrained (random init)'}, "
-          f"{args.num_images} images at {args.input_size}x{args.input_size}", flush=True)
+    log.info("%s: %s, %d images at %dx%d", label, "weights from " + ckpt if ckpt else "untrained (random init)",
+             args.num_images, args.image_resize, args.image_resize)
     start = time.time()
-    images = with_progress(read_images(files, args.input_size), args.num_images, f"erf {name}")
+    images = with_progress(read_images(files, args.image_resize, preprocessing["mean"], preprocessing["std"]),
+                           args.num_images, f"erf {name}")
     raw = erf_map(net, images, args.num_images)
-    print(f"erf {name}: done in {time.time() - start:.0f} s", flush=True)
+    log.info("erf %s: done in %.0f s", name, time.time() - start)
     ratios = high_contribution_ratios(normalize_erf(raw))
-    print(f"{label}: high-contribution area ratios (raw scores {raw.min():.3g}..{raw.max():.3g})")
-    print(format_ratios(ratios), flush=True)
+    log.info("%s: high-contribution area ratios (raw scores %.3g..%.3g)\n%s", label, raw.min(), raw.max(),
+             format_ratios(ratios))
     return label, raw
 
 
@@ -262,43 +267,49 @@ def build_overrides(large_kernel_sizes, small_kernel):
     return overrides
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Effective receptive field of a RepLKNet (official method).")
-    parser.add_argument("--model", required=True, choices=sorted(MODELS))
-    parser.add_argument("--ckpt", default=None, help="mindspore checkpoint (default: untrained weights)")
-    parser.add_argument("--data_dir", required=True, help="folder of class subfolders, or a flat folder of images")
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m replknet_fn.erf",
+                                     description="Effective receptive field of a RepLKNet (official method).")
+    add_option(parser, "model", help="the model (for our checkpoints: default the checkpoint's)")
+    add_option(parser, "ckpt_path", help="our checkpoint or official weights (default: untrained weights)")
+    add_option(parser, "data_dir", required=True, help="folder of class subfolders, or a flat folder of images")
     parser.add_argument("--num_images", type=int, default=50)
-    parser.add_argument("--input_size", type=int, default=1024)
+    add_option(parser, "image_resize", default="1024", help="images are resized to this square (official: 1024)")
     parser.add_argument("--out", required=True, help="writes OUT.npy and OUT.png")
     parser.add_argument("--large_kernel_sizes", type=int, nargs="+", default=None,
                         help="override the model's kernels, e.g. 13 13 13 13 (the paper's RepLKNet-13)")
     parser.add_argument("--small_kernel", default=None, help="override the model's small kernel: an int, or none")
-    parser.add_argument("--compare", default=None, choices=sorted(MODELS), help="a second model, drawn beside")
-    parser.add_argument("--ckpt2", default=None)
+    parser.add_argument("--compare", default=None, help="a second model, drawn beside")
+    parser.add_argument("--ckpt2", default=None, help="the second model's weights")
     parser.add_argument("--large_kernel_sizes2", type=int, nargs="+", default=None)
     parser.add_argument("--small_kernel2", default=None)
-    device.add_device_argument(parser)
-    args = parser.parse_args(argv)
-    try:
-        device.apply_device_target(args.device_target)
-    except device.DeviceError as error:
-        parser.exit(2, f"error: {error}\n")
+    add_option(parser, "device_target", default="auto")
+    return parser
+
+
+def main(argv=None):
+    setup_logging()
+    parser = build_parser()
+    args = parse_tool_args(parser, argv)
     if args.num_images < 1:
         parser.error("--num_images must be at least 1")
+    if not args.model and not args.ckpt_path:
+        parser.error("give --model, --ckpt_path, or both")
     try:
+        device.apply_device_target(args.device_target)
         files = list_images(args.data_dir)
-        runs = [(args.model, args.ckpt, build_overrides(args.large_kernel_sizes, args.small_kernel))]
-        if args.compare:
+        runs = [(args.model, args.ckpt_path, build_overrides(args.large_kernel_sizes, args.small_kernel))]
+        if args.compare or args.ckpt2:
             runs.append((args.compare, args.ckpt2, build_overrides(args.large_kernel_sizes2, args.small_kernel2)))
         results = [model_erf(name, ckpt, overrides, files, args) for name, ckpt, overrides in runs]
-    except (CheckpointError, ValueError, OSError) as error:
+    except (CheckpointError, device.DeviceError, ValueError, OSError) as error:
         sys.exit(f"erf: {error}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for (label, raw), suffix in zip(results, ("", "_compare")):
         np.save(f"{out}{suffix}.npy", raw)
     png = render_png([normalize_erf(raw) for _, raw in results], f"{out}.png", [label for label, _ in results])
-    print(f"wrote {out}.npy{' and ' + str(out) + '_compare.npy' if args.compare else ''}, {png}")
+    log.info("wrote %s.npy%s, %s", out, f" and {out}_compare.npy" if len(results) > 1 else "", png)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,14 @@ Each rank sums hit counts over its shard (padding rows carry valid = 0); the sum
 only then divided. The same function serves the training loop and validate_with_func.py, so both report the
 same numbers for the same weights.
 """
-import time
+import logging
 
 import mindspore as ms
 import numpy as np
+
+from replknet_fn.runlog import Progress
+
+log = logging.getLogger(__name__)
 
 
 def evaluation_counts(logits, labels, valid):
@@ -37,18 +41,19 @@ def make_eval_step(net, jit=True):
     return ms.jit(eval_step) if jit else eval_step
 
 
-def evaluate(net, eval_step, batches, sum_across_ranks=None, num_batches=None, log=None):
+def evaluate(net, eval_step, batches, sum_across_ranks=None, num_batches=None):
     """Run `eval_step` over `batches` of (images, labels, valid) in eval mode; return top1/top5 (percent), mean
-    loss and the number of images counted, summed over ranks."""
+    loss and the number of images counted, summed over ranks. Long validations log their progress."""
     was_training = net.training
     net.set_train(False)
     totals = np.zeros(4, np.float64)
-    start = time.time()
+    progress = Progress(num_batches or 0)
     for index, (images, labels, valid) in enumerate(batches):
         totals += evaluation_counts(eval_step(ms.Tensor(images)).asnumpy(), labels, valid)
-        if log is not None and num_batches and (index + 1) % 50 == 0:
-            elapsed = time.time() - start
-            log(f"  validation {index + 1}/{num_batches}, ETA {elapsed / (index + 1) * (num_batches - index - 1):.0f}s")
+        if num_batches and (index + 1) % 50 == 0:
+            log.info("  validation %d/%d, %s", index + 1, num_batches, progress.update(index + 1).describe("batches"))
+        elif index == 0:
+            progress.restart(1)  # the first batch also compiles the graph
     net.set_train(was_training)
     if sum_across_ranks is not None:
         totals = sum_across_ranks(ms.Tensor(totals.astype(np.float32))).asnumpy().astype(np.float64)

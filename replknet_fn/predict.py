@@ -19,24 +19,22 @@ From Python:
 """
 import argparse
 import json
+import logging
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import mindspore as ms
 import numpy as np
 
 from replknet_fn import data, device
-from replknet_fn.checkpoint import CheckpointError, load_parameters, read_checkpoint
-from replknet_fn.ckpt_io import network_from_checkpoint
-from replknet_fn.config import Config
-from replknet_fn.convert import net_parameters
-from replknet_fn.dwconv import IMPLEMENTATIONS
-from replknet_fn.model import MODELS, build_replknet
-from replknet_fn.reparam import reparameterize
+from replknet_fn.checkpoint import CheckpointError
+from replknet_fn.config import Config, add_flag, add_option, parse_tool_args
+from replknet_fn.runlog import Progress, setup_logging
+from replknet_fn.weights import PREPROCESSING_KEYS, eval_preprocessing, network_from_checkpoint
 
 PROGRESS_EVERY = 10  # batches between progress lines on stderr
+log = logging.getLogger(__name__)
 
 
 class PredictError(ValueError):
@@ -45,12 +43,15 @@ class PredictError(ValueError):
 
 @dataclass(frozen=True)
 class PredictSettings:
-    """Evaluation preprocessing (named as the training config keys, so that `data.eval_batches` reads them)."""
-    image_resize: int = 224
-    crop_pct: float = 0.875
-    interpolation: str = "bicubic"
-    num_parallel_workers: int = 0
-    jit: bool = True
+    """Evaluation preprocessing (named as the config keys, so that `data.eval_batches` reads them)."""
+    image_resize: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple
+    std: tuple
+    eval_resize: str
+    num_parallel_workers: int
+    jit: bool
 
 
 # ---- the network and its classes ------------------------------------------------------------------------------
@@ -73,64 +74,33 @@ def read_labels(path):
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def build_from_checkpoint(params, meta, ckpt, model, large_kernel_impl):
-    """The eval-mode network of a checkpoint. Ours record their architecture (meta["build_args"]); a converted
-    official checkpoint needs `model`, and may be in training or deploy form."""
-    if meta.get("build_args"):
-        if model is not None and meta.get("model") not in (None, model):
-            raise PredictError(f"{ckpt} holds a {meta['model']} network, not {model}; drop --model or fix it")
-        # Drop path is off in eval mode; building without it also skips its per-block seed parameters.
-        net = build_replknet(**dict(meta["build_args"], drop_path_rate=0.0, recompute=False,
-                                    large_kernel_impl=large_kernel_impl))
-        load_parameters(net_parameters(net), params, ckpt)
-        return net
-    if model is None:
-        raise PredictError(f"{ckpt} does not record its architecture (a converted official checkpoint?); "
-                           f"give --model, one of {sorted(MODELS)}")
-    head = params.get("head.weight")
-    if head is None:
-        raise PredictError(f"{ckpt} has no classifier (head.weight): a backbone cannot predict classes")
-    return network_from_checkpoint(model, params, num_classes=int(head.shape[0]),
-                                   large_kernel_impl=large_kernel_impl, drop_path_rate=0.0)
+def load_predictor(ckpt, model=None, reparam=False, labels=None, use_ema=False, large_kernel_impl="native",
+                   num_parallel_workers=0, jit=True, **preprocessing):
+    """(net in eval mode, class names or None, PredictSettings) for checkpoint `ckpt` (ours, or official weights
+    with `model`).
 
-
-def load_predictor(ckpt, model=None, reparam=False, labels=None, image_resize=None, crop_pct=None,
-                   interpolation=None, use_ema=False, large_kernel_impl="native", num_parallel_workers=0,
-                   jit=True):
-    """(net in eval mode, class names or None, PredictSettings) for checkpoint `ckpt`.
-
-    `labels` (a file) overrides the checkpoint's class names. Preprocessing arguments left at None take the
-    checkpoint's training config, else the timm defaults. `reparam` returns the deploy network (same logits).
-    `use_ema` loads a training checkpoint's EMA weights."""
+    `labels` (a file) overrides the checkpoint's class names. `preprocessing` (image_resize, crop_pct,
+    interpolation, mean, std, eval_resize) overrides what the checkpoint records it was trained with, else the
+    official values for the model. `reparam` returns the deploy network (same logits). `use_ema` loads a
+    training checkpoint's EMA weights."""
     try:
-        params, meta = read_checkpoint(ckpt)
+        net, record = network_from_checkpoint(ckpt, model, use_ema=use_ema, reparam=reparam,
+                                              large_kernel_impl=large_kernel_impl)
     except CheckpointError as error:
         raise PredictError(str(error)) from None
-    if use_ema:
-        params = {name[len("ema."):]: value for name, value in params.items() if name.startswith("ema.")}
-        if not params:
-            raise PredictError(f"{ckpt} holds no EMA weights (train with --ema True)")
-    try:
-        net = build_from_checkpoint(params, meta, ckpt, model, large_kernel_impl)
-    except CheckpointError as error:
-        raise PredictError(f"{ckpt}: {error}") from None
     if net.head is None:
         raise PredictError(f"{ckpt} holds a backbone without a classifier: it cannot predict classes")
-    if reparam and getattr(net, "deploy_form", None) is None:
-        net = reparameterize(net, large_kernel_impl=large_kernel_impl)
-    net.set_train(False)
-
     num_classes = net.build_args["num_classes"]
-    class_names = read_labels(labels) if labels else meta.get("class_names")
+    class_names = read_labels(labels) if labels else record.get("class_names")
     if class_names is not None and len(class_names) != num_classes:
         source = f"labels file {labels}" if labels else f"the class list saved in {ckpt}"
         raise PredictError(f"{source} has {len(class_names)} names but the classifier has {num_classes} outputs")
-
-    trained = meta.get("config", {})
-    chosen = {"image_resize": image_resize, "crop_pct": crop_pct, "interpolation": interpolation}
-    settings = PredictSettings(**{key: trained[key] for key in chosen if key in trained})
-    settings = replace(settings, **{key: value for key, value in chosen.items() if value is not None},
-                       num_parallel_workers=num_parallel_workers, jit=jit)
+    chosen = dict(eval_preprocessing(record, model),
+                  **{key: value for key, value in preprocessing.items() if value is not None})
+    unknown = set(chosen) - set(PREPROCESSING_KEYS)
+    if unknown:
+        raise TypeError(f"load_predictor: unknown preprocessing argument(s) {sorted(unknown)}")
+    settings = PredictSettings(**chosen, num_parallel_workers=num_parallel_workers, jit=jit)
     if settings.interpolation not in data.INTERPOLATIONS:
         raise PredictError(f"interpolation {settings.interpolation!r}: choose one of {sorted(data.INTERPOLATIONS)}")
     return net, class_names, settings
@@ -153,7 +123,7 @@ def find_images(inputs):
             found += [os.path.join(folder, name) for name in names
                       if not name.startswith(".") and name.lower().endswith(data.IMAGE_EXTENSIONS)]
         if not found:
-            print(f"predict: no images ({' '.join(data.IMAGE_EXTENSIONS)}) under {item}", file=sys.stderr)
+            log.warning("predict: no images (%s) under %s", " ".join(data.IMAGE_EXTENSIONS), item)
         files += sorted(found)
     return files
 
@@ -209,20 +179,18 @@ def top_k(probabilities, k, class_names=None):
 # ---- command line -------------------------------------------------------------------------------------------
 
 def with_progress(results, total, batch_size, every=PROGRESS_EVERY):
-    """Pass `results` through, printing images done, rate and ETA to stderr every `every` batches (the first
-    batch, which also compiles the network, is left out of the rate)."""
+    """Pass `results` through, logging images done, rate and ETA every `every` batches (the first batch, which
+    also compiles the network, is left out of the rate)."""
     if not every or total <= every * batch_size:
         yield from results
         return
-    first_batch_done = None
+    progress = Progress(total)
     for done, result in enumerate(results, 1):
         yield result
         if done == batch_size:
-            first_batch_done = time.time()
-        if done % (every * batch_size) == 0 and done < total and first_batch_done is not None:
-            rate = (done - batch_size) / max(time.time() - first_batch_done, 1e-9)
-            print(f"predict: {done}/{total} images, {rate:.1f} images/s, ETA {(total - done) / rate:.0f} s",
-                  file=sys.stderr, flush=True)
+            progress.restart(done)
+        if done % (every * batch_size) == 0 and done < total:
+            log.info("predict: %d/%d images, %s", done, total, progress.update(done).describe("images"))
 
 
 def format_table(path, ranked):
@@ -232,54 +200,51 @@ def format_table(path, ranked):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Top classes of images by a RepLKNet checkpoint.")
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m replknet_fn.predict",
+                                     description="Top classes of images by a RepLKNet checkpoint.")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
-    parser.add_argument("--ckpt", required=True, help="our training checkpoint, or a converted official one")
-    parser.add_argument("--model", default=None, choices=sorted(MODELS),
-                        help="needed for checkpoints that do not record their architecture (converted official)")
-    parser.add_argument("--reparam", action="store_true", help="predict with the re-parameterized (deploy) network")
-    parser.add_argument("--use_ema", action="store_true", help="use the EMA weights of a training checkpoint")
+    add_option(parser, "ckpt_path", required=True, help="our checkpoint, or official weights (.pth, .npz, ...)")
+    add_option(parser, "model", help="needed for weights that do not record their architecture (official ones)")
+    add_option(parser, "use_ema", default=False, help="use the EMA weights of a training checkpoint")
+    add_option(parser, "reparam", default=False, help="predict with the re-parameterized (deploy) network")
     parser.add_argument("--labels", default=None, help="class names: one per line, or a JSON list (overrides the "
                                                         "checkpoint's class list)")
-    parser.add_argument("--image_size", type=int, default=None, help="crop size (default: the checkpoint's "
-                                                                     "image_resize, else 224)")
-    parser.add_argument("--crop_pct", type=float, default=None, help="default: the checkpoint's, else 0.875")
-    parser.add_argument("--interpolation", default=None, choices=sorted(data.INTERPOLATIONS),
-                        help="default: the checkpoint's, else bicubic")
+    for key in PREPROCESSING_KEYS:  # default: the checkpoint's record, else the official values
+        add_option(parser, key)
     parser.add_argument("--top_k", type=int, default=5)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--num_workers", type=int, default=2, help="image decoding processes (0: in this one)")
-    parser.add_argument("--large_kernel_impl", default="native", choices=IMPLEMENTATIONS)
-    parser.add_argument("--json", action="store_true", help="one JSON object per image on stdout (JSON lines)")
-    device.add_device_argument(parser)
-    args = parser.parse_args(argv)
+    add_option(parser, "batch_size", default="16")
+    add_option(parser, "num_parallel_workers", default="2", help="image decoding processes (0: in this one)")
+    add_option(parser, "large_kernel_impl", default="native")
+    add_option(parser, "device_target", default="auto")
+    add_flag(parser, "json", "one JSON object per image on stdout (JSON lines)")
+    return parser
+
+
+def main(argv=None):
+    setup_logging(stream="stderr")  # stdout holds the predictions
+    parser = build_parser()
+    args = parse_tool_args(parser, argv)
     try:
         device.apply_device_target(args.device_target)
-    except device.DeviceError as error:
-        parser.exit(2, f"error: {error}\n")
-    for name in ("top_k", "batch_size", "image_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} must be at least 1")
-    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
-        parser.error("--crop_pct must be in (0, 1]")
-    try:
         net, class_names, settings = load_predictor(
-            args.ckpt, args.model, args.reparam, args.labels, args.image_size, args.crop_pct, args.interpolation,
-            args.use_ema, args.large_kernel_impl, args.num_workers)
-    except PredictError as error:
+            args.ckpt_path, args.model, args.reparam, args.labels, args.use_ema, args.large_kernel_impl,
+            args.num_parallel_workers, **{key: getattr(args, key) for key in PREPROCESSING_KEYS})
+    except (PredictError, device.DeviceError) as error:
         sys.exit(f"predict: {error}")
+    if args.top_k < 1:
+        parser.error("--top_k must be at least 1")
     paths = find_images(args.inputs)
     form = {None: "training form", "reparam": "deploy form", "folded": "deploy form, BN folded"}
-    print(f"predict: {len(paths)} image(s), {settings.image_resize}px crop (crop_pct {settings.crop_pct}, "
-          f"{settings.interpolation}), network in {form[getattr(net, 'deploy_form', None)]}", file=sys.stderr)
+    log.info("predict: %d image(s), %dpx (%s, crop_pct %g, %s), network in %s", len(paths), settings.image_resize,
+             "warp" if data.warps_at_eval(settings) else "resize and centre crop", settings.crop_pct,
+             settings.interpolation, form[getattr(net, "deploy_form", None)])
     predicted, skipped = 0, 0
     for path, result in with_progress(predict_files(net, paths, settings, args.batch_size), len(paths),
                                       args.batch_size):
         if isinstance(result, Exception):
             skipped += 1
-            print(f"predict: skipping {path}: {result}", file=sys.stderr, flush=True)
+            log.warning("predict: skipping %s: %s", path, result)
             continue
         predicted += 1
         ranked = top_k(result, args.top_k, class_names)
@@ -287,7 +252,7 @@ def main(argv=None):
             print(json.dumps({"path": path, "top_k": ranked}), flush=True)
         else:
             print(format_table(path, ranked), flush=True)
-    print(f"predict: {predicted} image(s) predicted, {skipped} skipped", file=sys.stderr)
+    log.info("predict: %d image(s) predicted, %d skipped", predicted, skipped)
     if predicted == 0:
         sys.exit(f"predict: no image could be predicted ({len(paths)} given)")
 

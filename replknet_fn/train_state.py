@@ -54,6 +54,8 @@ class TrainState:
     consecutive_skips: int = 0
     best_top1: float = -1.0
     best_epoch: int = -1
+    best_ema_top1: float = -1.0
+    best_ema_epoch: int = -1
     kept_checkpoints: list = field(default_factory=list)  # [(top1, epoch, file name)] of the epoch checkpoints
 
     def parameters(self):
@@ -72,7 +74,7 @@ class TrainState:
         return [param for name, param in self.parameters().items() if name.endswith(BATCH_NORM_STATISTICS)]
 
     HOST_FIELDS = ("epoch", "batch_in_epoch", "step", "skipped_steps", "consecutive_skips", "best_top1",
-                   "best_epoch", "kept_checkpoints")
+                   "best_epoch", "best_ema_top1", "best_ema_epoch", "kept_checkpoints")
 
     def host_state(self):
         return {name: getattr(self, name) for name in self.HOST_FIELDS}

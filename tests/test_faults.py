@@ -1,4 +1,5 @@
 """Training survives kills, torn checkpoints and bad images, and its errors name the problem (issue 7)."""
+import logging
 import os
 import random
 import shutil
@@ -78,7 +79,7 @@ def tiny_state(seed=0):
     return TrainState(net, create_optimizer(net, config), create_loss_scale(config))
 
 
-def test_resume_auto_skips_a_truncated_checkpoint_and_ignores_unfinished_saves(tmp_path):
+def test_resume_auto_skips_a_truncated_checkpoint_and_ignores_unfinished_saves(tmp_path, caplog):
     state = tiny_state()
     state.step = 5
     save_train_state(state, tmp_path / "good.ckpt")
@@ -86,8 +87,9 @@ def test_resume_auto_skips_a_truncated_checkpoint_and_ignores_unfinished_saves(t
     data = (tmp_path / "good.ckpt").read_bytes()
     (tmp_path / "torn.ckpt").write_bytes(data[:len(data) // 2])      # a copy cut off mid-write
     (tmp_path / ".good.tmp-123.ckpt").write_bytes(data[:100])       # an interrupted atomic save
-    messages = []
-    assert find_resume_checkpoint(tmp_path, log=messages.append) == tmp_path / "good.ckpt"
+    with caplog.at_level(logging.INFO, logger="replknet_fn"):
+        assert find_resume_checkpoint(tmp_path) == tmp_path / "good.ckpt"
+    messages = [record.getMessage() for record in caplog.records if record.name.startswith("replknet_fn")]
     assert len(messages) == 1 and "skipping torn.ckpt" in messages[0] and "corrupt" in messages[0]
     restored = tiny_state(seed=1)
     restore_train_state(restored, tmp_path / "good.ckpt")

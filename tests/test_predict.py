@@ -5,19 +5,22 @@ same files with the preprocessing the checkpoint was trained with (deliberately 
 """
 import json
 import shutil
+import sys
 
 import mindspore as ms
 import numpy as np
 import pytest
 
 from replknet_fn import data, predict, replknet_tiny
-from replknet_fn.checkpoint import load_weights, read_checkpoint, save_train_state
+from replknet_fn.checkpoint import save_train_state
 from replknet_fn.config import DEFAULTS, Config
 from replknet_fn.demo_data import ensure_demo_dataset
 from replknet_fn.optim import create_optimizer
 from replknet_fn.parameters import write_parameter
 from replknet_fn.reparam import reparameterize
+from replknet_fn.runlog import setup_logging
 from replknet_fn.train_state import EMA, TrainState, create_loss_scale
+from replknet_fn.weights import network_from_checkpoint
 import validate_with_func
 
 # What the checkpoint "was trained with"; predict must pick these up from it. Images are 40 px, so the
@@ -90,10 +93,7 @@ def checkpoint(dataset, tmp_path_factory):
 def validation_logits(ckpt, samples, use_ema=False):
     """Logits of validate_with_func's network on validation's batches (eager, another batch size than predict's)."""
     config = Config(DEFAULTS, batch_size=5, num_parallel_workers=0, **TRAINED)
-    _, meta = read_checkpoint(ckpt)
-    net = validate_with_func.build_network(config, meta)
-    load_weights(net, ckpt, use_ema=use_ema)
-    net.set_train(False)
+    net, _ = network_from_checkpoint(ckpt, use_ema=use_ema)
     rows = [net(ms.Tensor(images)).asnumpy()[valid > 0]
             for images, _, valid in data.eval_batches(samples, config)]
     return np.concatenate(rows)
@@ -269,9 +269,10 @@ def test_cli_fails_when_no_image_could_be_predicted(checkpoint, folder_with_a_co
 
 
 def test_progress_with_an_eta_goes_to_stderr_for_large_folders_only(capsys):
+    setup_logging(stream="stderr")  # as predict.main does
     assert list(predict.with_progress(iter(range(12)), total=12, batch_size=2, every=2)) == list(range(12))
     lines = capsys.readouterr().err.strip().splitlines()
-    assert [line.split(",")[0] for line in lines] == ["predict: 4/12 images", "predict: 8/12 images"]
+    assert [line.split("] ", 1)[1].split(",")[0] for line in lines] == ["predict: 4/12 images", "predict: 8/12 images"]
     assert all("ETA" in line for line in lines)
     list(predict.with_progress(iter(range(4)), total=4, batch_size=2, every=2))
     assert capsys.readouterr().err == ""

@@ -8,8 +8,8 @@ from PIL import Image
 from replknet_fn import build_replknet, replknet_tiny
 from replknet_fn import erf, export
 from replknet_fn.checkpoint import CheckpointError
-from replknet_fn.ckpt_io import load_checkpoint_into
 from replknet_fn.reparam import reparameterize
+from replknet_fn.weights import load_network_weights
 
 TOLERANCE = 1e-5
 IMAGE_SIZE = 32
@@ -103,12 +103,12 @@ def test_export_cli_fails_naming_the_mismatched_parameter(tmp_path):
     assert not (tmp_path / "x.mindir").exists()
 
 
-def test_load_checkpoint_into_names_the_first_missing_parameter(tiny_ckpt):
+def test_loading_weights_names_the_first_missing_parameter(tiny_ckpt):
     net, ckpt = tiny_ckpt
     entries = ms.load_checkpoint(str(ckpt))
     del entries["stages.1.blocks.0.pw1.conv.weight"], entries["head.bias"]
     with pytest.raises(CheckpointError, match=r"'stages\.1\.blocks\.0\.pw1\.conv\.weight' is not in the "):
-        load_checkpoint_into(replknet_tiny(), entries)
+        load_network_weights(replknet_tiny(), entries)
 
 
 def test_onnx_is_refused_with_the_reason(tiny_ckpt, tmp_path):
@@ -229,8 +229,11 @@ def test_images_are_read_in_image_folder_order_and_preprocessed(tmp_path):
     write_images(tmp_path, 3)
     files = erf.list_images(tmp_path)
     assert [f.relative_to(tmp_path).as_posix() for f in files] == ["class0/0.png", "class0/2.png", "class1/1.png"]
-    image = erf.load_image(files[0], 40)
+    image = erf.load_image(files[0], 40, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert image.shape == (3, 40, 40) and image.dtype == np.float32
+    with Image.open(files[0]) as source:
+        pixels = np.asarray(source.convert("RGB").resize((40, 40), Image.BICUBIC), np.float32) / 255
+    np.testing.assert_allclose(image, ((pixels - 0.5) / 0.25).transpose(2, 0, 1), rtol=1e-6)
     flat = tmp_path / "class0"
     assert erf.list_images(flat) == files[:2]
 

@@ -1,5 +1,6 @@
 """The hand-written loop end to end on a tiny generated data set: checkpoints, resume, validation."""
 import json
+import logging
 import subprocess
 import sys
 
@@ -98,42 +99,44 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
         np.testing.assert_array_equal(kept[name], value, err_msg=name)
 
 
-class RecordingLog:
+class RecordingTensorBoard:
     def __init__(self):
-        self.lines, self.scalar_values = [], {}
-
-    def __call__(self, line):
-        self.lines.append(line)
+        self.scalar_values = {}
 
     def scalars(self, step, **values):
         self.scalar_values.update(values)
 
 
-def progress_line(losses_and_finite, timed=True):
+def progress_line(losses_and_finite, caplog, timed=True):
     from types import SimpleNamespace
-    window = train_with_func.ProgressWindow()
+    state = SimpleNamespace(epoch=0, batch_in_epoch=0, step=0)
+    window = train_with_func.ProgressWindow(state, total_steps=10)
     for loss, finite in losses_and_finite:
-        window.add(loss, finite, timed)
-    log = RecordingLog()
-    train_with_func.log_progress(log, window, SimpleNamespace(epoch=0, batch_in_epoch=3, step=3),
-                                 SimpleNamespace(epoch_size=1, batch_size=4, accumulation_steps=1), 10, 10, 1,
-                                 0.1, float("inf"), 2.0)
-    return log.lines[0], log.scalar_values
+        state.step += 1
+        state.batch_in_epoch += 1
+        window.add(state, loss, finite, timed)
+    tensorboard = RecordingTensorBoard()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="replknet_fn"):
+        train_with_func.log_progress(tensorboard, window, state,
+                                     SimpleNamespace(epoch_size=1, batch_size=4, accumulation_steps=1), 10, 1,
+                                     0.1, float("inf"), 2.0)
+    return caplog.records[-1].getMessage(), tensorboard.scalar_values
 
 
-def test_progress_line_means_the_loss_of_finite_steps_only():
-    line, scalars = progress_line([(2.0, True), (0.0, False), (4.0, True)])
+def test_progress_line_means_the_loss_of_finite_steps_only(caplog):
+    line, scalars = progress_line([(2.0, True), (0.0, False), (4.0, True)], caplog)
     assert " loss 3.0000 " in line and scalars["train/loss"] == 3.0
 
 
-def test_progress_line_of_only_skipped_steps_shows_no_loss():
-    line, scalars = progress_line([(0.0, False), (0.0, False)])
+def test_progress_line_of_only_skipped_steps_shows_no_loss(caplog):
+    line, scalars = progress_line([(0.0, False), (0.0, False)], caplog)
     assert " loss - (2 skipped) " in line and "train/loss" not in scalars
     assert "train/grad_norm" not in scalars  # inf: tensorboardX would refuse it
 
 
-def test_progress_line_after_only_the_compiling_step_gives_no_speed():
-    line, scalars = progress_line([(2.0, True)], timed=False)
+def test_progress_line_after_only_the_compiling_step_gives_no_speed(caplog):
+    line, scalars = progress_line([(2.0, True)], caplog, timed=False)
     assert " loss 2.0000 " in line and "img/s ETA" not in line and "train/images_per_second" not in scalars
-    line, scalars = progress_line([(2.0, True)])
+    line, scalars = progress_line([(2.0, True)], caplog)
     assert "img/s ETA" in line and scalars["train/images_per_second"] > 0
