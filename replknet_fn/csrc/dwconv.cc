@@ -7,7 +7,7 @@
 //
 // Work is split over channels (OpenMP), so each channel's kernel is prepared once and reused over the batch, and
 // every output element is written by exactly one thread (results do not depend on the thread count). Output
-// columns are the SIMD dimension: one vector holds 16 neighbouring columns of one output row. Input rows are
+// columns are the SIMD dimension: one vector holds kLanes (16, 8 or 4) neighbouring columns of one output row. Input rows are
 // copied into zero-padded rows, so every shifted load is in bounds and the padding contributes exact zeros; taps
 // whose rows or columns see only padding are skipped. The forward pass keeps a tile of R output rows x NV vectors
 // in registers and loads each shifted input vector once for all R rows; the weight gradient keeps a tile of
@@ -24,20 +24,33 @@
 
 namespace {
 
-constexpr int kLanes = 16;
+#ifndef REPLKNET_LANES
+#define REPLKNET_LANES 4
+#endif
+// Floats per vector, set per ISA level by the build (kernels.py): 16 for AVX-512, 8 for AVX2, 4 for the portable
+// build (SSE on x86, NEON on ARM). Generic vectors wider than the hardware's compile to near-scalar code.
+constexpr int kLanes = REPLKNET_LANES;
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef float UnalignedVec __attribute__((vector_size(kLanes * sizeof(float)), aligned(alignof(float)), may_alias));
 
-// Accumulator vectors a register tile may hold: AVX-512 has 32 vector registers of 16 floats; with AVX2 one Vec
-// takes two of sixteen registers. Exceeding the budget only costs speed (spills), never correctness.
-#if defined(__AVX512F__)
-constexpr int kAccumulators = 24;
-constexpr int kMaxVectorsPerTile = 4;
+// Register tiles per target: accumulators plus the operands loaded for them must fit the vector registers, or the
+// compiler spills them to memory (only speed is lost, never correctness).
+//   AVX-512: 32 registers of 16 floats. AVX2: 16 of 8. NEON: 32 of 4, with fused multiply-add.
+//   SSE (the portable build on x86): 16 of 4, and no fused multiply-add, so each product needs a register too.
+// kAccumulators bounds the forward tile (R output rows x NV vectors, plus NV input vectors and a weight);
+// the weight-gradient tile is kWeightTileRows x kWeightTileColumns accumulators plus as many operands as rows + 1.
+#if REPLKNET_LANES == 16
+constexpr int kAccumulators = 24, kMaxVectorsPerTile = 4;
+constexpr int kWeightTileRows = 4, kWeightTileColumns = 6;
+#elif REPLKNET_LANES == 8
+constexpr int kAccumulators = 12, kMaxVectorsPerTile = 3;
+constexpr int kWeightTileRows = 3, kWeightTileColumns = 4;
+#elif defined(__aarch64__)
+constexpr int kAccumulators = 24, kMaxVectorsPerTile = 4;
 constexpr int kWeightTileRows = 4, kWeightTileColumns = 6;
 #else
-constexpr int kAccumulators = 6;
-constexpr int kMaxVectorsPerTile = 2;
-constexpr int kWeightTileRows = 2, kWeightTileColumns = 2;
+constexpr int kAccumulators = 10, kMaxVectorsPerTile = 2;
+constexpr int kWeightTileRows = 3, kWeightTileColumns = 3;
 #endif
 
 // Multiply-adds per thread below which another thread costs more than it saves (waking it, sharing the cores
@@ -47,10 +60,11 @@ constexpr double kWorkPerThread = 4e6;
 inline Vec load(const float *address) { return *reinterpret_cast<const UnalignedVec *>(address); }
 
 // A load the compiler must keep in a register: otherwise it folds the load into each multiply-add that uses the
-// value, re-reading memory once per use and undoing the register blocking. (Only where a Vec fits one register.)
+// value, re-reading memory once per use and undoing the register blocking. An empty asm that claims to change the
+// register does that; x86 builds with 8 or 16 lanes only (the portable build has no asm at all).
 inline Vec load_to_register(const float *address) {
   Vec v = load(address);
-#if defined(__AVX512F__)
+#if (defined(__x86_64__) || defined(__i386__)) && REPLKNET_LANES >= 8
   asm("" : "+v"(v));
 #endif
   return v;
@@ -133,9 +147,14 @@ constexpr std::array<ForwardTile, kAccumulators> forward_tiles() {
   return forward_tiles<NV>(std::make_integer_sequence<int, kAccumulators / NV>());
 }
 
+template <int... NVs>
+constexpr std::array<std::array<ForwardTile, kAccumulators>, kMaxVectorsPerTile> forward_tables(
+    std::integer_sequence<int, NVs...>) {
+  return {forward_tiles<NVs + 1>()...};
+}
+
 // forward_table[NV - 1][R - 1], for R * NV <= kAccumulators.
-const std::array<ForwardTile, kAccumulators> forward_table[4] = {forward_tiles<1>(), forward_tiles<2>(),
-                                                                 forward_tiles<3>(), forward_tiles<4>()};
+const auto forward_table = forward_tables(std::make_integer_sequence<int, kMaxVectorsPerTile>());
 
 // out[b, c] = conv(in[b, c], kernel[c]) (kernel flipped in both axes when `flip`), for all b, c.
 void convolve(const float *in, const float *kernel, float *out, const Geometry &g, bool flip) {
@@ -208,17 +227,14 @@ constexpr std::array<WeightGradTile, sizeof...(Js)> weight_grad_tiles(std::integ
   return {&weight_grad_tile<IB, Js + 1>...};
 }
 
+template <int... Is>
+constexpr std::array<std::array<WeightGradTile, kWeightTileColumns>, kWeightTileRows> weight_grad_tables(
+    std::integer_sequence<int, Is...>) {
+  return {weight_grad_tiles<Is + 1>(std::make_integer_sequence<int, kWeightTileColumns>())...};
+}
+
 // weight_grad_table[IB - 1][JB - 1]
-const std::array<WeightGradTile, kWeightTileColumns> weight_grad_table[kWeightTileRows] = {
-    weight_grad_tiles<1>(std::make_integer_sequence<int, kWeightTileColumns>()),
-#if defined(__AVX512F__)
-    weight_grad_tiles<2>(std::make_integer_sequence<int, kWeightTileColumns>()),
-    weight_grad_tiles<3>(std::make_integer_sequence<int, kWeightTileColumns>()),
-    weight_grad_tiles<4>(std::make_integer_sequence<int, kWeightTileColumns>()),
-#else
-    weight_grad_tiles<2>(std::make_integer_sequence<int, kWeightTileColumns>()),
-#endif
-};
+const auto weight_grad_table = weight_grad_tables(std::make_integer_sequence<int, kWeightTileRows>());
 
 // Splits [first, last] into equal blocks of at most `most`: returns the block size.
 int balanced_block(int first, int last, int most) { return ceil_div(last - first + 1, ceil_div(last - first + 1, most)); }
