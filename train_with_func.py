@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mindspore as ms
 
-from replknet_fn import compile_cache, data, dist
+from replknet_fn import compile_cache, data, dist, dwconv
 from replknet_fn.checkpoint import (CheckpointError, check_free_space, check_writable, find_resume_checkpoint,
                                     link_or_copy, restore_train_state, save_train_state, select_kept)
 from replknet_fn.config import Config, ConfigError, parse_config, save_config
@@ -261,6 +261,10 @@ def main(argv=None):
     dist.broadcast_parameters(list(state.parameters().values()), world_size)
     dist.check_same_on_all_ranks({"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
                                   "step": state.step}, world_size)
+    # auto's per-shape choice of conv implementation is measured before the step compiles (it is part of the graph).
+    verdicts = dwconv.decide_for(state.net, (config.batch_size, 3, config.image_resize, config.image_resize))
+    if verdicts:
+        log("large-kernel convs (auto): " + ", ".join(f"{shape} {impl}" for shape, impl in verdicts.items()))
     train_step = make_train_step(state, config,
                                  all_reduce=dist.make_gradient_mean(world_size, state.optimizer.parameters),
                                  net=forward_network(state.net, config.amp_level))

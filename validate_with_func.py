@@ -11,7 +11,7 @@ weights). Every validation image is counted exactly once, also when sharded over
 import json
 import sys
 
-from replknet_fn import data, dist
+from replknet_fn import data, dist, dwconv
 from replknet_fn.checkpoint import CheckpointError, load_weights, read_checkpoint
 from replknet_fn.config import ConfigError, parse_config
 from replknet_fn.evaluation import evaluate, make_eval_step
@@ -46,6 +46,7 @@ def main(argv=None):
     if config.reparam:
         net = reparameterize(net)
     net.set_train(False)
+    dwconv.decide_for(net, (config.batch_size, 3, config.image_resize, config.image_resize))  # before compiling
     eval_step = make_eval_step(forward_network(net, config.amp_level), config.jit)
     batches = data.eval_batches(val_samples, config, rank, world_size)
     metrics = evaluate(net, eval_step, batches, dist.make_sum_across_ranks(world_size), log=log,
