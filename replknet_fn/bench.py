@@ -13,14 +13,16 @@ float32 matmul rate measured in the same run (numpy sgemm, 2048^3), the yardstic
 (input and weight gradients), jitted, at the RepLKNet-31B stage shapes (kernel, map size, channels at 224 input)
 or at the `--shape`s given, with the direct kernel of each ISA level build given (`--isa`, default: all this CPU
 runs). Rates count the multiply-adds of taps that meet real pixels (2 flops each; forward+backward: 3 times the
-forward's, for the forward, input and weight gradients), as GFLOP/s and as a fraction of the matmul rate. `step` builds the project's real train step (step.make_train_step on a TrainState,
-with the training defaults of config.py) and reports the time from build to the first step done (compilation
-included) and from process start; then, interleaved: the steady train step, the part after the gradients alone
-(unscale, global norm, clip, AdamW, loss-scale update), the eval-mode forward and the deploy network's inference
-(`reparameterize`), each per `--large_kernel_impl` (by default auto and native, with auto's speedups against
-native); and the train step and eval forward of the same network with every large kernel set to 1, whose
-difference to the full step is the large-kernel convs' share. Every subcommand prints a table and then ONE JSON
-line with the median times in seconds.
+forward's, for the forward, input and weight gradients), as GFLOP/s and as a fraction of the matmul rate timed
+between the convs of the same shape (so that both see the same load).
+
+`step` builds the project's real train step (step.make_train_step on a TrainState, with the training defaults of
+config.py) and reports the time from build to the first step done (compilation included) and from process start;
+then, interleaved: the steady train step, the part after the gradients alone (unscale, global norm, clip, AdamW,
+loss-scale update), the eval-mode forward and the deploy network's inference (`reparameterize`), each per
+`--large_kernel_impl` (by default auto and native, with auto's speedups against native); and the train step and
+eval forward of the same network with every large kernel set to 1, whose difference to the full step is the
+large-kernel convs' share. Every subcommand prints a table and then ONE JSON line with the median times in seconds.
 
 The machine is shared and noisy: repetitions of all implementations are interleaved, so a slow spell hits them
 alike, and medians are reported. Add a benchmark as a function `run_<name>(args)` plus an `add_<name>_parser`
@@ -50,26 +52,29 @@ from replknet_fn.train_state import EMA, TrainState, create_loss_scale
 STAGE_SHAPES = ((31, 56, 128), (29, 28, 256), (27, 14, 512), (13, 7, 1024))
 
 
-wait = dwconv.wait
+def wait(result):
+    """Block until `result` (tensors, nested tuples of them, or numpy arrays, which are ready) is computed."""
+    if not isinstance(result, np.ndarray):
+        dwconv.wait(result)
 MATMUL_SIZE = 2048
 
 
 def machine():
     """What a figure depends on: the CPU, the kernel build's ISA level (and the levels it could run) and threads."""
-    return {"cpu": kernels.cpu_model(), "isa": kernels.isa_level(), "isa_levels": list(kernels.supported_isa_levels()),
-            "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    return {"cpu": kernels.cpu_model(), "isa": kernels.isa_level(),
+            "isa_levels": list(kernels.supported_isa_levels()), "cpus": os.cpu_count(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def matmul_function(size=MATMUL_SIZE):
+    """A no-argument callable multiplying two float32 size x size matrices with numpy (sgemm)."""
+    a = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
+    return lambda: a @ a
 
 
 def matmul_gflops(size=MATMUL_SIZE, repeat=5):
-    """float32 GFLOP/s of numpy's matmul (sgemm) on size x size matrices, median of `repeat` after a warm-up."""
-    a = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
-    a @ a
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        a @ a
-        times.append(time.perf_counter() - start)
-    return 2 * size ** 3 / statistics.median(times) / 1e9
+    """float32 GFLOP/s of numpy's matmul on size x size matrices, median of `repeat` after a warm-up."""
+    return 2 * size ** 3 / interleaved_medians({"matmul": matmul_function(size)}, repeat)["matmul"] / 1e9
 
 
 def print_machine(description, gflops):
@@ -121,33 +126,35 @@ MODES = ("forward", "forward_backward")
 
 def run_dwconv(args):
     load_before = os.getloadavg()
-    description, matmul = machine(), matmul_gflops()
-    print_machine(description, matmul)
-    isa_levels = [kernels.check_isa_level(isa, f"--isa {isa}") for isa in dict.fromkeys(args.isa or
-                                                                                         kernels.supported_isa_levels())]
+    description, first_matmul = machine(), matmul_gflops()
+    print_machine(description, first_matmul)
+    asked = dict.fromkeys(args.isa or kernels.supported_isa_levels())
+    isa_levels = [kernels.check_isa_level(isa, f"--isa {isa}") for isa in asked]
     variants = ["native"] + [f"{impl}/{isa}" for isa in isa_levels for impl in args.impls if impl != "native"]
     results = []
     for kernel_size, size, channels in args.shape or STAGE_SHAPES:
-        functions = {}
+        # The matmul is timed between the convs too, so that its rate and theirs see the same load.
+        functions = {("matmul", None): matmul_function()}
         for variant in variants:
             impl, _, isa = variant.partition("/")
             runs = dwconv_functions(impl, args.batch_size, kernel_size, size, channels, isa or None)
             for mode, function in runs.items():
                 functions[(variant, mode)] = function
         medians = interleaved_medians(functions, args.repeat)
+        matmul = 2 * MATMUL_SIZE ** 3 / medians[("matmul", None)] / 1e9
         forward_gflop = dwconv_gflop(args.batch_size, kernel_size, size, channels)
         gflop = {"forward": forward_gflop, "forward_backward": 3 * forward_gflop}
         seconds = {variant: {mode: medians[(variant, mode)] for mode in MODES} for variant in variants}
         gflops = {variant: {mode: gflop[mode] / seconds[variant][mode] for mode in MODES} for variant in variants}
         result = {"shape": shape_name(kernel_size, size, channels), "kernel_size": kernel_size, "size": size,
-                  "channels": channels, "gflop": gflop, "seconds": seconds, "gflops": gflops,
+                  "channels": channels, "gflop": gflop, "seconds": seconds, "gflops": gflops, "matmul_gflops": matmul,
                   "fraction_of_matmul": {variant: {mode: gflops[variant][mode] / matmul for mode in MODES}
                                          for variant in variants},
                   "speedup": {variant: {mode: seconds["native"][mode] / seconds[variant][mode] for mode in MODES}
                               for variant in variants[1:]}}
         results.append(result)
         print_dwconv_rows(result, variants, header=len(results) == 1)
-    print(json.dumps({"bench": "dwconv", "machine": description, "matmul_gflops": matmul,
+    print(json.dumps({"bench": "dwconv", "machine": description, "matmul_gflops": first_matmul,
                       "batch_size": args.batch_size, "repeat": args.repeat, "isa": isa_levels, "results": results,
                       "load_average": {"before": [round(value, 2) for value in load_before],
                                        "after": [round(value, 2) for value in os.getloadavg()]}}))
@@ -156,8 +163,8 @@ def run_dwconv(args):
 def print_dwconv_rows(result, variants, header):
     columns = ["fwd ms", "fwd+bwd ms", "fwd GF/s", "f+b GF/s", "fwd %mm", "f+b %mm", "x native"]
     if header:
-        print(f"{'shape':<16}{'impl':<18}" + "".join(f"{column:>11}" for column in columns) + "   (%mm: of the matmul rate)",
-              flush=True)
+        print(f"{'shape':<16}{'impl':<18}" + "".join(f"{column:>11}" for column in columns)
+              + "   (%mm: of the matmul rate)", flush=True)
     for variant in variants:
         seconds, gflops = result["seconds"][variant], result["gflops"][variant]
         fraction = result["fraction_of_matmul"][variant]
@@ -168,6 +175,7 @@ def print_dwconv_rows(result, variants, header):
                  f"{speedup['forward']:.3g}/{speedup['forward_backward']:.3g}" if speedup else "-"]
         name = result["shape"] if variant == variants[0] else ""
         print(f"{name:<16}{variant:<18}" + "".join(f"{cell:>11}" for cell in cells), flush=True)
+    print(f"{'':<16}{'matmul (numpy)':<18}{'':>22}{result['matmul_gflops']:>11.1f}", flush=True)
 
 
 def conv_shape(text):
@@ -322,7 +330,8 @@ def run_step(args):
         seconds[impl]["first_step"] = first[impl]
         seconds[impl]["compile_estimate"] = first[impl] - seconds[impl]["train_step"]
     result = {"bench": "step", "machine": description, "matmul_gflops": matmul, "model": args.model,
-              "image_size": args.image_size, "batch_size": args.batch_size, "repeat": args.repeat, "process_to_first_step": process_to_first_step, "compile_cache": cache,
+              "image_size": args.image_size, "batch_size": args.batch_size, "repeat": args.repeat,
+              "process_to_first_step": process_to_first_step, "compile_cache": cache,
               "seconds": seconds,
               "images_per_second": {variant: args.batch_size / values["train_step"] for variant, values in
                                     seconds.items()},

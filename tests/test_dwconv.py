@@ -240,8 +240,8 @@ def test_a_verdict_is_stored_on_disk_and_reused_by_the_next_process(verdict_cach
 
 
 def test_verdicts_are_kept_per_cpu_and_kernel_build(verdict_cache, monkeypatch):
-    seconds = {("direct", "forward_backward"): 0.05, ("native", "forward"): 0.004, ("native", "forward_backward"): 0.03}
-    timed = fake_timings(monkeypatch, seconds)
+    timed = fake_timings(monkeypatch, {("direct", "forward_backward"): 0.05, ("native", "forward"): 0.004,
+                                       ("native", "forward_backward"): 0.03})
     for isa in ISA_LEVELS:
         dwconv.decide(SHAPE, isa)
     assert len(set(verdict_cache.glob("dwconv_auto-*.json"))) == len(ISA_LEVELS)

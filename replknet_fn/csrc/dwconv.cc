@@ -3,7 +3,8 @@
 // Three entry points with MindSpore's `ops.Custom(func_type="aot")` signature:
 //   dwconv_forward      (x, weight)          -> y       y = conv(x, weight)
 //   dwconv_input_grad   (dy, weight)         -> dx      dx = conv(dy, weight flipped in both axes)
-//   dwconv_weight_grad  (x, dy, weight_like) -> dweight dweight[i, j] = sum_{b, h, w} dy[h, w] x[h + i - p, w + j - p]
+//   dwconv_weight_grad  (x, dy, weight_like) -> dweight
+//                       dweight[i, j] = sum_{b, h, w} dy[h, w] x[h + i - p, w + j - p]
 //
 // The SIMD dimension is the planes: one vector holds the same pixel of kLanes (b, c) planes, so every lane does
 // useful work at any map size, and each multiply-add is a tap that meets a real pixel, up to the edges of a
@@ -60,7 +61,9 @@ constexpr double kWorkPerThread = 4e6;
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // Splits [first, last] into equal blocks of at most `most`: returns the block size.
-int balanced_block(int first, int last, int most) { return ceil_div(last - first + 1, ceil_div(last - first + 1, most)); }
+int balanced_block(int first, int last, int most) {
+  return ceil_div(last - first + 1, ceil_div(last - first + 1, most));
+}
 
 struct Geometry {
   int batch, channels, height, width, kernel, pad;
@@ -131,7 +134,8 @@ void gather(const float *in, const Geometry &g, const GroupPlanes &planes, int p
   }
 }
 
-// weights[i * K + j] = the tap (i, j) of each lane's channel (flipped in both axes when `flip`); zero past the planes.
+// weights[i * K + j] = the tap (i, j) of each lane's channel (flipped in both axes when `flip`); zero past the
+// planes.
 // A channel's lanes are neighbours (its batch items), so each tap is a few broadcasts merged by lane masks rather
 // than one scalar store per lane (at K13 on 7x7 maps the latter cost a third of the multiply-adds' time).
 void gather_weights(const float *kernel, const Geometry &g, const GroupPlanes &planes, bool flip, Vec *weights) {
@@ -229,7 +233,8 @@ void weight_grad_tile(const Vec *padded_x, const Vec *dy, const Geometry &g, con
   const int h_first = std::max(0, p - i0 - RI + 1), h_last = std::min(g.height - 1, g.height - 1 + p - i0);
   const int w_first = std::max(0, p - j0 - RJ + 1), w_last = std::min(g.width - 1, g.width - 1 + p - j0);
   for (int h = h_first; h <= h_last; ++h) {
-    const Vec *x = padded_x + int64_t(h + i0) * row_length + j0;  // padded (h + i, w + j): input (h + i - p, w + j - p)
+    // Padded (h + i, w + j) is input (h + i - p, w + j - p).
+    const Vec *x = padded_x + int64_t(h + i0) * row_length + j0;
     const Vec *d = dy + int64_t(h) * g.width;
     for (int w = w_first; w <= w_last; ++w) {
       const Vec gradient = d[w];
@@ -287,7 +292,8 @@ void weight_grad(const float *x, const float *dy, float *dweight, const Geometry
         gather(dy, g, planes, 0, g.width, interleaved_dy.data());
         for (int i0 = row_first; i0 <= row_last; i0 += tile_rows)
           for (int j0 = col_first; j0 <= col_last; j0 += tile_columns) {
-            const int rows = std::min(tile_rows, row_last + 1 - i0), columns = std::min(tile_columns, col_last + 1 - j0);
+            const int rows = std::min(tile_rows, row_last + 1 - i0);
+            const int columns = std::min(tile_columns, col_last + 1 - j0);
             weight_grad_table[rows - 1][columns - 1](padded_x.data(), interleaved_dy.data(), g, planes,
                                                      unit.first_channel, i0, j0, unit_dweight.data());
           }
