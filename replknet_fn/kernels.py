@@ -64,7 +64,7 @@ def cpu_model():
 
 
 def is_x86():
-    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    return platform.machine().lower() in ("x86_64", "amd64")  # 32-bit x86 builds the portable level only
 
 
 @functools.lru_cache(maxsize=None)

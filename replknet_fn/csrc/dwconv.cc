@@ -18,6 +18,7 @@
 //   weight gradient: a tile of taps (kernel rows x columns) stays in registers; each output-gradient vector is
 //            loaded once for the whole tile.
 // Either way a multiply-add reads one vector from memory (the input pixel), which the x86 FMA takes as an operand.
+// Plain C++ with GCC vector extensions: no asm, no intrinsics, so the portable build compiles for any CPU.
 #include <omp.h>
 
 #include <algorithm>
