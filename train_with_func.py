@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mindspore as ms
 
-from replknet_fn import compile_cache, data, device, dist
+from replknet_fn import compile_cache, data, device, dist, dwconv
 from replknet_fn.checkpoint import (CheckpointError, check_free_space, check_writable, find_resume_checkpoint,
                                     link_or_copy, restore_train_state, save_train_state, select_kept)
 from replknet_fn.config import DEMO_CONFIG, Config, ConfigError, parse_config, save_config
@@ -246,6 +246,9 @@ def main(argv=None):
     dist.broadcast_parameters(list(state.parameters().values()), world_size)
     dist.check_same_on_all_ranks({"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
                                   "step": state.step}, world_size)
+    # auto's per-shape choice of conv implementation is measured (and logged) before the step compiles: it is part
+    # of the graph.
+    dwconv.decide_for(state.net, (config.batch_size, 3, config.image_resize, config.image_resize))
     train_step = make_train_step(state, config,
                                  all_reduce=dist.make_gradient_mean(world_size, state.optimizer.parameters),
                                  net=device.mixed_precision(state.net, config.amp_level))

@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from replknet_fn import data, device, dist
+from replknet_fn import data, device, dist, dwconv
 from replknet_fn.checkpoint import CheckpointError
 from replknet_fn.config import DEMO_CONFIG, VALIDATE, ConfigError, parse_config_and_given
 from replknet_fn.evaluation import evaluate, make_eval_step
@@ -54,6 +54,7 @@ def main(argv=None):
              record.get("model", config.model), config.image_resize, data_resize_rule(config), config.crop_pct,
              config.interpolation, list(config.mean), list(config.std))
 
+    dwconv.decide_for(net, (config.batch_size, 3, config.image_resize, config.image_resize))  # before compiling
     eval_step = make_eval_step(device.mixed_precision(net, config.amp_level), config.jit)
     batches = data.eval_batches(val_samples, config, rank, world_size)
     metrics = evaluate(net, eval_step, batches, dist.make_sum_across_ranks(world_size),

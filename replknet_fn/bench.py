@@ -1,20 +1,28 @@
 """Speed of the large-kernel convolution and of the whole training step, measured in one run each.
 
     python -m replknet_fn.bench dwconv [--batch_size 8] [--repeat 3] [--impls direct auto] [--shape 31,56,128]
+                                       [--isa avx512 avx2 portable]
     python -m replknet_fn.bench step [--model replknet31_base] [--image_size 224] [--batch_size 4] [--repeat 3]
                                      [--large_kernel_impl auto native] [--compile_cache_dir DIR]
                                      [--skip_large_kernels_1]
 
+Every subcommand first prints the machine it runs on (CPU model, the kernel build's ISA level, threads) and the
+float32 matmul rate measured in the same run (numpy sgemm, 2048^3), the yardstick for the other rates.
+
 `dwconv` times the large depthwise conv alone against the native MindSpore conv, forward and forward+backward
 (input and weight gradients), jitted, at the RepLKNet-31B stage shapes (kernel, map size, channels at 224 input)
-or at the `--shape`s given. `step` builds the project's real train step (step.make_train_step on a TrainState,
-with the training defaults of config.py) and reports the time from build to the first step done (compilation
-included) and from process start; then, interleaved: the steady train step, the part after the gradients alone
-(unscale, global norm, clip, AdamW, loss-scale update), the eval-mode forward and the deploy network's inference
-(`reparameterize`), each per `--large_kernel_impl` (by default auto and native, with auto's speedups against
-native); and the train step and eval forward of the same network with every large kernel set to 1, whose
-difference to the full step is the large-kernel convs' share. Every subcommand prints a table and then ONE JSON
-line with the median times in seconds.
+or at the `--shape`s given, with the direct kernel of each ISA level build given (`--isa`, default: all this CPU
+runs). Rates count the multiply-adds of taps that meet real pixels (2 flops each; forward+backward: 3 times the
+forward's, for the forward, input and weight gradients), as GFLOP/s and as a fraction of the matmul rate timed
+between the convs of the same shape (so that both see the same load).
+
+`step` builds the project's real train step (step.make_train_step on a TrainState, with the training defaults of
+config.py) and reports the time from build to the first step done (compilation included) and from process start;
+then, interleaved: the steady train step, the part after the gradients alone (unscale, global norm, clip, AdamW,
+loss-scale update), the eval-mode forward and the deploy network's inference (`reparameterize`), each per
+`--large_kernel_impl` (by default auto and native, with auto's speedups against native); and the train step and
+eval forward of the same network with every large kernel set to 1, whose difference to the full step is the
+large-kernel convs' share. Every subcommand prints a table and then ONE JSON line with the median times in seconds.
 
 The machine is shared and noisy: repetitions of all implementations are interleaved, so a slow spell hits them
 alike, and medians are reported. Add a benchmark as a function `run_<name>(args)` plus an `add_<name>_parser`
@@ -32,7 +40,7 @@ import mindspore as ms
 from mindspore import ops
 from mindspore.common.parameter import ParameterTuple
 
-from replknet_fn import compile_cache, device, dwconv
+from replknet_fn import compile_cache, device, dwconv, kernels
 from replknet_fn.config import DEFAULTS, Config
 from replknet_fn.model import MODELS, build_replknet, create_model
 from replknet_fn.optim import create_optimizer
@@ -45,12 +53,35 @@ STAGE_SHAPES = ((31, 56, 128), (29, 28, 256), (27, 14, 512), (13, 7, 1024))
 
 
 def wait(result):
-    """Block until `result` (a tensor or nested tuple of tensors) is computed."""
-    if isinstance(result, (tuple, list)):
-        for item in result:
-            wait(item)
-    else:
-        result.asnumpy()
+    """Block until `result` (tensors, nested tuples of them, or numpy arrays, which are ready) is computed."""
+    if not isinstance(result, np.ndarray):
+        dwconv.wait(result)
+MATMUL_SIZE = 2048
+
+
+def machine():
+    """What a figure depends on: the CPU, the kernel build's ISA level (and the levels it could run) and threads."""
+    return {"cpu": kernels.cpu_model(), "isa": kernels.isa_level(),
+            "isa_levels": list(kernels.supported_isa_levels()), "cpus": os.cpu_count(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def matmul_function(size=MATMUL_SIZE):
+    """A no-argument callable multiplying two float32 size x size matrices with numpy (sgemm)."""
+    a = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
+    return lambda: a @ a
+
+
+def matmul_gflops(size=MATMUL_SIZE, repeat=5):
+    """float32 GFLOP/s of numpy's matmul on size x size matrices, median of `repeat` after a warm-up."""
+    return 2 * size ** 3 / interleaved_medians({"matmul": matmul_function(size)}, repeat)["matmul"] / 1e9
+
+
+def print_machine(description, gflops):
+    threads = description["omp_num_threads"] or f"{description['cpus']} (all CPUs)"
+    print(f"machine: {description['cpu']}; kernel build {description['isa']} (runs "
+          f"{', '.join(description['isa_levels'])}); threads {threads}; float32 matmul {gflops:.0f} GFLOP/s "
+          f"(numpy, {MATMUL_SIZE}^3)", flush=True)
 
 
 def interleaved_medians(functions, repeat):
@@ -67,64 +98,84 @@ def interleaved_medians(functions, repeat):
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def dwconv_functions(impl, batch_size, kernel_size, size, channels):
-    """Jitted forward and forward+backward of one depthwise conv, as no-argument callables."""
-    rng = np.random.default_rng(0)
-    x = ms.Tensor(rng.standard_normal((batch_size, channels, size, size)).astype(np.float32))
-    net = dwconv.depthwise_conv(channels, kernel_size, impl)
+def valid_taps(size, kernel_size):
+    """Sum over the output positions of one axis of the taps that meet a real input position ("same" padding)."""
+    pad = kernel_size // 2
+    return sum(min(size - 1, position + pad) - max(0, position - pad) + 1 for position in range(size))
 
-    @ms.jit
-    def forward(x):
-        return net(x)
 
-    def loss(x):
-        return net(x).sum()
+def dwconv_gflop(batch_size, kernel_size, size, channels):
+    """GFLOP of one depthwise conv forward, counting only multiply-adds of taps that meet real pixels."""
+    return 2 * batch_size * channels * valid_taps(size, kernel_size) ** 2 / 1e9
 
-    forward_backward = ms.jit(ms.value_and_grad(loss, 0, net.trainable_params()))
 
-    def run_forward():
-        return forward(x)
-
-    def run_forward_backward():
-        return forward_backward(x)
-
-    return {"forward": run_forward, "forward_backward": run_forward_backward}
+def dwconv_functions(impl, batch_size, kernel_size, size, channels, isa=None):
+    """Jitted forward and forward+backward of one depthwise conv, as no-argument callables; auto decided first."""
+    shape = (batch_size, channels, size, size)
+    if impl == "auto":
+        dwconv.decide(shape + (kernel_size,), isa or kernels.isa_level())
+    return dwconv.conv_runs(impl, *shape, kernel_size, isa=isa)
 
 
 def shape_name(kernel_size, size, channels):
     return f"K{kernel_size}@{size}x{size}x{channels}"
 
 
+MODES = ("forward", "forward_backward")
+
+
 def run_dwconv(args):
-    impls = ["native"] + [impl for impl in args.impls if impl != "native"]
-    shapes = args.shape or STAGE_SHAPES
+    load_before = os.getloadavg()
+    description, first_matmul = machine(), matmul_gflops()
+    print_machine(description, first_matmul)
+    asked = dict.fromkeys(args.isa or kernels.supported_isa_levels())
+    isa_levels = [kernels.check_isa_level(isa, f"--isa {isa}") for isa in asked]
+    variants = ["native"] + [f"{impl}/{isa}" for isa in isa_levels for impl in args.impls if impl != "native"]
     results = []
-    for kernel_size, size, channels in shapes:
-        functions = {}
-        for impl in impls:
-            for mode, function in dwconv_functions(impl, args.batch_size, kernel_size, size, channels).items():
-                functions[(impl, mode)] = function
+    for kernel_size, size, channels in args.shape or STAGE_SHAPES:
+        # The matmul is timed between the convs too, so that its rate and theirs see the same load.
+        functions = {("matmul", None): matmul_function()}
+        for variant in variants:
+            impl, _, isa = variant.partition("/")
+            runs = dwconv_functions(impl, args.batch_size, kernel_size, size, channels, isa or None)
+            for mode, function in runs.items():
+                functions[(variant, mode)] = function
         medians = interleaved_medians(functions, args.repeat)
+        matmul = 2 * MATMUL_SIZE ** 3 / medians[("matmul", None)] / 1e9
+        forward_gflop = dwconv_gflop(args.batch_size, kernel_size, size, channels)
+        gflop = {"forward": forward_gflop, "forward_backward": 3 * forward_gflop}
+        seconds = {variant: {mode: medians[(variant, mode)] for mode in MODES} for variant in variants}
+        gflops = {variant: {mode: gflop[mode] / seconds[variant][mode] for mode in MODES} for variant in variants}
         result = {"shape": shape_name(kernel_size, size, channels), "kernel_size": kernel_size, "size": size,
-                  "channels": channels,
-                  "seconds": {impl: {mode: medians[(impl, mode)] for mode in ("forward", "forward_backward")}
-                              for impl in impls},
-                  "speedup": {impl: {mode: medians[("native", mode)] / medians[(impl, mode)]
-                                     for mode in ("forward", "forward_backward")} for impl in impls[1:]}}
+                  "channels": channels, "gflop": gflop, "seconds": seconds, "gflops": gflops, "matmul_gflops": matmul,
+                  "fraction_of_matmul": {variant: {mode: gflops[variant][mode] / matmul for mode in MODES}
+                                         for variant in variants},
+                  "speedup": {variant: {mode: seconds["native"][mode] / seconds[variant][mode] for mode in MODES}
+                              for variant in variants[1:]}}
         results.append(result)
-        print_dwconv_row(result, impls, header=len(results) == 1)
-    print(json.dumps({"bench": "dwconv", "batch_size": args.batch_size, "repeat": args.repeat, "results": results}))
+        print_dwconv_rows(result, variants, header=len(results) == 1)
+    print(json.dumps({"bench": "dwconv", "machine": description, "matmul_gflops": first_matmul,
+                      "batch_size": args.batch_size, "repeat": args.repeat, "isa": isa_levels, "results": results,
+                      "load_average": {"before": [round(value, 2) for value in load_before],
+                                       "after": [round(value, 2) for value in os.getloadavg()]}}))
 
 
-def print_dwconv_row(result, impls, header):
+def print_dwconv_rows(result, variants, header):
+    columns = ["fwd ms", "fwd+bwd ms", "fwd GF/s", "f+b GF/s", "fwd %mm", "f+b %mm", "x native"]
     if header:
-        columns = [f"{impl} fwd / fwd+bwd (ms)" for impl in impls] + [f"x {impl}" for impl in impls[1:]]
-        print(f"{'shape':<18}" + "".join(f"{column:>26}" for column in columns), flush=True)
-    cells = [f"{result['seconds'][impl]['forward'] * 1e3:.1f} / {result['seconds'][impl]['forward_backward'] * 1e3:.1f}"
-             for impl in impls]
-    cells += [f"{result['speedup'][impl]['forward']:.1f} / {result['speedup'][impl]['forward_backward']:.1f}"
-              for impl in impls[1:]]
-    print(f"{result['shape']:<18}" + "".join(f"{cell:>26}" for cell in cells), flush=True)
+        print(f"{'shape':<16}{'impl':<18}" + "".join(f"{column:>11}" for column in columns)
+              + "   (%mm: of the matmul rate)", flush=True)
+    for variant in variants:
+        seconds, gflops = result["seconds"][variant], result["gflops"][variant]
+        fraction = result["fraction_of_matmul"][variant]
+        speedup = result["speedup"].get(variant)
+        cells = [f"{seconds['forward'] * 1e3:.1f}", f"{seconds['forward_backward'] * 1e3:.1f}",
+                 f"{gflops['forward']:.1f}", f"{gflops['forward_backward']:.1f}",
+                 f"{fraction['forward'] * 100:.0f}%", f"{fraction['forward_backward'] * 100:.0f}%",
+                 f"{speedup['forward']:.3g}/{speedup['forward_backward']:.3g}" if speedup else "-"]
+        name = result["shape"] if variant == variants[0] else ""
+        print(f"{name:<16}{variant:<18}" + "".join(f"{cell:>11}" for cell in cells), flush=True)
+    print(f"{'':<16}{'matmul (numpy)':<18}{'':>22}{result['matmul_gflops']:>11.1f}", flush=True)
 
 
 def conv_shape(text):
@@ -145,6 +196,8 @@ def add_dwconv_parser(subparsers):
                         help="implementations compared with native")
     parser.add_argument("--shape", type=conv_shape, action="append",
                         help="KERNEL,SIZE,CHANNELS instead of the RepLKNet-31B stage shapes (repeatable)")
+    parser.add_argument("--isa", nargs="+", choices=list(kernels.ISA_LEVELS),
+                        help="kernel builds to time (default: every level this CPU runs)")
     parser.set_defaults(run=run_dwconv)
 
 
@@ -206,11 +259,13 @@ def jitted_eval_forward(build_args):
 
 def first_step(impl, args):
     """Build the model and the project's real train step (train_with_func.py's, with the config defaults) and run it
-    once; returns the step and the seconds from build to the first step done (compilation included)."""
+    once; returns the step and the seconds from build to the first step done (compilation included, and auto's
+    measurements at shapes this machine has not decided yet)."""
     start = time.perf_counter()
     config = step_config(args, impl)
     net = create_model(config.model, num_classes=config.num_classes, drop_path_rate=config.drop_path_rate,
                        large_kernel_impl=impl)
+    dwconv.decide_for(net, (args.batch_size, 3, args.image_size, args.image_size))
     state = train_state(net, config)
     train_step = make_train_step(state, config)
     cache_dir = compile_cache.step_cache_dir(config, world_size=1) if compile_cache.cache_available() else None
@@ -238,7 +293,9 @@ def large_kernels_1_functions(args, config, build_args):
     rest."""
     small_kernel = None if build_args["small_kernel"] is None else 1
     build_args = dict(build_args, large_kernel_sizes=[1] * len(build_args["layers"]), small_kernel=small_kernel)
-    state = train_state(build_replknet(**build_args), config)
+    net = build_replknet(**build_args)
+    dwconv.decide_for(net, (args.batch_size, 3, args.image_size, args.image_size))
+    state = train_state(net, config)
     train_step = make_train_step(state, config)
     eval_forward = jitted_eval_forward(build_args)
     batch = example_batch(args, config.num_classes)
@@ -251,6 +308,8 @@ K1 = "large_kernels_1"
 
 def run_step(args):
     load_before = os.getloadavg()
+    description, matmul = machine(), matmul_gflops()
+    print_machine(description, matmul)
     impls = list(dict.fromkeys(args.large_kernel_impl))
     functions, first, cache = {}, {}, {}
     for impl in impls:
@@ -270,8 +329,9 @@ def run_step(args):
     for impl in impls:
         seconds[impl]["first_step"] = first[impl]
         seconds[impl]["compile_estimate"] = first[impl] - seconds[impl]["train_step"]
-    result = {"bench": "step", "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
-              "repeat": args.repeat, "process_to_first_step": process_to_first_step, "compile_cache": cache,
+    result = {"bench": "step", "machine": description, "matmul_gflops": matmul, "model": args.model,
+              "image_size": args.image_size, "batch_size": args.batch_size, "repeat": args.repeat,
+              "process_to_first_step": process_to_first_step, "compile_cache": cache,
               "seconds": seconds,
               "images_per_second": {variant: args.batch_size / values["train_step"] for variant, values in
                                     seconds.items()},

@@ -25,7 +25,7 @@ from pathlib import Path
 import mindspore as ms
 from mindspore.common import api as mindspore_api
 
-from replknet_fn import dwconv
+from replknet_fn import dwconv, kernels
 from replknet_fn.config import OPTIONS
 
 ENABLE, PATH = "MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH"
@@ -40,7 +40,7 @@ def cache_root(setting):
     """The `compile_cache_dir` config value as a directory, or None when the cache is off ("")."""
     if not setting:
         return None
-    return dwconv.cache_dir() / "compile_cache" if setting == "auto" else Path(setting).expanduser()
+    return kernels.cache_dir() / "compile_cache" if setting == "auto" else Path(setting).expanduser()
 
 
 def source_digest():
@@ -60,15 +60,18 @@ def source_digest():
 def step_cache_dir(config, world_size):
     """<compile_cache_dir>/train_step-<hash of what the step graph depends on besides MindSpore's own key: the config
     (model, batch and input size, optimizer, loss scaling, ...), the number of ranks, this package's sources, the
-    MindSpore and Python versions and the CPU the depthwise kernel is compiled for>. None when the cache is off, and
-    for multi-process runs (a cached graph with communication ops is untested)."""
+    MindSpore and Python versions, the CPU and ISA level the kernels are compiled for, and auto's conv verdicts
+    (which impl each conv of the graph runs)>. None when the cache is off, and for multi-process runs (a cached
+    graph with communication ops is untested)."""
     root = cache_root(config.compile_cache_dir)
     if root is None or world_size > 1:
         return None
     graph_config = {key: value for key, value in config.items() if key not in OPTIONS or OPTIONS[key].graph}
     description = json.dumps({"config": graph_config, "world_size": world_size, "sources": source_digest(),
                               "mindspore": ms.__version__, "python": platform.python_version(),
-                              "cpu": dwconv.cpu_description()}, sort_keys=True, default=str)
+                              "cpu": kernels.cpu_description(), "isa": kernels.isa_level(),
+                              "auto_verdicts": dwconv.stored_verdicts(kernels.isa_level())},
+                             sort_keys=True, default=str)
     return root / f"train_step-{hashlib.sha256(description.encode()).hexdigest()[:16]}"
 
 

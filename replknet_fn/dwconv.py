@@ -5,127 +5,255 @@
 
 - "native": MindSpore's `nn.Conv2d(group=channels)` (oneDNN); the reference, and what deploy export uses.
 - "direct": a compiled C++ kernel (`csrc/dwconv.cc`) called through `ops.Custom(func_type="aot")`, with its own
-  input- and weight-gradient kernels. Built with the system C++ compiler on first use and cached; without a
+  input- and weight-gradient kernels, built by `kernels.py` for the CPU's ISA level on first use; without a
   compiler it warns once and runs the native conv.
-- "auto": "direct" where it was measured faster than native (`direct_is_faster`), native elsewhere.
-"""
-import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
-from pathlib import Path
+- "auto": at each input shape, whichever of direct and native was measured faster on this machine.
 
+How auto decides. MindSpore compiles a jitted step by tracing `construct`, and timing convs while it compiles
+does not work (MindSpore 2.8: an eager forward+backward run from inside the compile of a value_and_grad step
+crashed the process). So `decide_for(net, input_shape)`, called before a step is compiled, finds the input
+shape of each automatic conv of `net` and times direct against native at each new (batch, channels, height,
+width, kernel) (`decide`). Verdicts are kept on disk per machine and kernel build (`verdict_file`) and logged once
+per shape; construct reads them while it is traced. A shape nobody decided runs direct for K >= 3 and native for
+K = 1 (`direct_when_undecided`).
+"""
+import hashlib
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+
+import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
 from mindspore.common import dtype as mstype
 
-from replknet_fn import device
+from replknet_fn import device, kernels
 
 IMPLEMENTATIONS = ("native", "auto", "direct")
+SOURCE = kernels.SOURCE_DIR / "dwconv.cc"
+# Timings closer than this are re-measured (medians of CLOSE_CALL_REPEATS runs each) before auto picks one, so
+# that one noisy run does not pick the slower one.
+CLOSE_CALL_RATIO = 1.25
+CLOSE_CALL_REPEATS = 5
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "dwconv.cc"
-# -march=native makes the library specific to this CPU: the cache key includes the CPU's flags.
-# -fno-math-errno lets sqrt vectorize (nothing here reads errno): pointwise.cc's AdamW over 80M floats 0.20 -> 0.045 s.
-COMPILE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-
-
-def cache_dir():
-    return Path(os.environ.get("REPLKNET_FN_CACHE", Path.home() / ".cache" / "replknet_fn"))
+log = logging.getLogger(__name__)
 
 
-def cpu_description():
-    """The CPU model and instruction-set flags, the part of the machine `-march=native` compiles for."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
-    return "\n".join(sorted(set(wanted)))
-
-
-@functools.lru_cache(maxsize=None)
-def compiled_library(source=SOURCE, fallback="large depthwise convs fall back to the native MindSpore conv"):
-    """Path of the library compiled from `source` (a file in csrc/), built on first use, or None (after one
-    warning that ends with `fallback`) if it cannot be.
-
-    The file name is a hash of the source, the compiler, its flags and the CPU, so an edit, another compiler or
-    another machine sharing the cache gets its own build. The build writes a temporary file and renames it, so
-    processes building at the same time never load a half-written library."""
-    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++"]
-    compiler = next((shutil.which(name) for name in names if shutil.which(name)), None)
-    if compiler is None:
-        warnings.warn(f"no C++ compiler found ({' or '.join(names)}; set CXX or install g++): {fallback}")
-        return None
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([source.read_text(), compiler, version, " ".join(COMPILE_FLAGS),
-                                    cpu_description()]).encode()).hexdigest()[:16]
-    library = cache_dir() / f"{source.stem}-{key}.so"
-    if library.exists():
-        return library
-    try:
-        library.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=library.parent, prefix=library.stem, suffix=".tmp")
-        os.close(handle)
-    except OSError as error:
-        warnings.warn(f"cannot write the kernel cache ({error}; set REPLKNET_FN_CACHE): {fallback}")
-        return None
-    result = subprocess.run([compiler, *COMPILE_FLAGS, str(source), "-o", temporary], capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        os.unlink(temporary)
-        warnings.warn(f"building {source.name} with {compiler} failed, {fallback}:\n{result.stderr[-2000:]}")
-        return None
-    os.chmod(temporary, 0o755)  # mkstemp's 0600 would hide a shared cache's build from other users
-    os.replace(temporary, library)
-    return library
-
-
-def same_shape(shape, *_):
-    return shape
-
-
-def same_dtype(dtype, *_):
-    return dtype
+def library(isa):
+    return kernels.compiled_library(SOURCE, isa, "large depthwise convs fall back to the native MindSpore conv")
 
 
 def kernel_shape(x_shape, dy_shape, weight_shape):
     return weight_shape
 
 
-@functools.lru_cache(maxsize=None)
-def direct_conv_op():
+@kernels.per_isa_level
+def direct_conv_op(isa):
     """The forward custom op, whose bprop calls the input- and weight-gradient kernels; None without a library."""
-    library = compiled_library()
-    if library is None:
+    path = library(isa)
+    if path is None:
         return None
-    input_grad = ops.Custom(f"{library}:dwconv_input_grad", same_shape, same_dtype, func_type="aot")
-    weight_grad = ops.Custom(f"{library}:dwconv_weight_grad", kernel_shape, same_dtype, func_type="aot")
+    same_shape, same_dtype = kernels.same_shape, kernels.same_dtype
+    input_grad = ops.Custom(f"{path}:dwconv_input_grad", same_shape, same_dtype, func_type="aot")
+    weight_grad = ops.Custom(f"{path}:dwconv_weight_grad", kernel_shape, same_dtype, func_type="aot")
 
     def bprop(x, weight, out, dout):
         # dx is the same convolution of dout with the kernel flipped; dweight correlates x with dout.
         return input_grad(dout, weight), weight_grad(x, dout, weight)
 
-    return ops.Custom(f"{library}:dwconv_forward", same_shape, same_dtype, func_type="aot", bprop=bprop)
+    return ops.Custom(f"{path}:dwconv_forward", same_shape, same_dtype, func_type="aot", bprop=bprop)
 
 
-def direct_is_faster(batch, channels, height, width, kernel_size):
-    """Whether the direct kernel beats the native conv at this input shape, forward and forward+backward.
-
-    Measured with `python -m replknet_fn.bench dwconv --shape K,SIZE,CHANNELS` (jitted, float32, 2 shared cores,
-    medians of 7-200 interleaved runs) at 24 shapes, batch 1 and 8 (K 3-31, maps 2x2-112x112, 16-1024 channels),
-    plus K3@224x224x32 and K1: for every K >= 3 the direct kernel was as fast or faster, in both directions.
-    Forward / forward+backward, native vs direct:
-      K3@56x56x128 B8    25 / 948 ms   vs 11 / 44 ms
-      K3@224x224x32 B8   99 / 2176 ms  vs 39 / 180 ms
-      K31@7x7x128 B8     69 / 153 ms   vs 1.2 / 4.8 ms
-      K5@2x2x64 B1       0.5 / 6.4 ms  vs 0.6 / 0.6 ms  (forward: both are the cost of launching the call;
-      K3@7x7x64 B1       0.41 ms       vs 0.09-0.41 ms   equal within noise over 200 runs)
-    At K = 1 (a per-channel scale, bound by memory traffic) native wins: K1@56x56x128 B8 3.8 / 37 ms vs
-    10.8 / 53 ms. So only the kernel size decides, at every batch, channel count and map size measured."""
+def direct_when_undecided(kernel_size):
+    """Direct or not at a shape with no measured verdict: the direct kernel was as fast or faster than native for
+    every K >= 3 measured on an AVX-512 machine, native faster at K = 1 (BENCHMARKS.md)."""
     return kernel_size >= 3
+
+
+# --- auto: measured verdicts -------------------------------------------------------------------------------------
+
+# This process's copy of the verdict files, {isa: {shape key: "direct" or "native"}}, and the shapes logged.
+_verdicts = {}
+_logged = set()
+
+
+def shape_key(batch, channels, height, width, kernel_size):
+    return f"B{batch}C{channels}_{height}x{width}_K{kernel_size}"
+
+
+def machine_key(isa):
+    """What a verdict depends on besides the shape: the kernel build (its library's name hashes the source,
+    compiler, flags, ISA level and CPU), MindSpore (the native conv) and the threads both may use."""
+    built = library(isa)
+    return {"cpu": kernels.cpu_model(), "isa": isa, "library": built.name if built else None,
+            "mindspore": ms.__version__, "threads": os.environ.get("OMP_NUM_THREADS") or os.cpu_count()}
+
+
+def verdict_file(isa):
+    machine = json.dumps(dict(machine_key(isa), cpu=kernels.cpu_description()), sort_keys=True, default=str)
+    return kernels.cache_dir() / f"dwconv_auto-{isa}-{hashlib.sha256(machine.encode()).hexdigest()[:16]}.json"
+
+
+def stored_verdicts(isa):
+    """{shape key: impl} known for this machine and kernel build: from memory, else from its verdict file."""
+    if isa not in _verdicts:
+        try:
+            _verdicts[isa] = {key: entry["impl"] for key, entry in
+                              json.loads(verdict_file(isa).read_text())["verdicts"].items()}
+        except (OSError, ValueError, KeyError, TypeError):
+            _verdicts[isa] = {}
+    return _verdicts[isa]
+
+
+def store_verdict(isa, key, impl, seconds):
+    """Record a measured verdict in memory and in the verdict file (rewritten whole through a renamed temporary
+    file: a reader never sees half a file; two processes deciding at once may each keep only their own shape,
+    which costs a measurement later, never a wrong verdict)."""
+    stored_verdicts(isa)[key] = impl
+    path = verdict_file(isa)
+    try:
+        contents = json.loads(path.read_text())
+    except (OSError, ValueError):
+        contents = {"machine": machine_key(isa), "verdicts": {}}
+    contents["verdicts"][key] = {"impl": impl, "seconds": seconds}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+        with os.fdopen(handle, "w") as file:
+            json.dump(contents, file, indent=1)
+        os.replace(temporary, path)
+    except OSError as error:
+        log.warning("cannot write %s (%s): auto will measure %s again in the next process", path, error, key)
+
+
+def conv_runs(impl, batch, channels, height, width, kernel_size, isa=None):
+    """{"forward", "forward_backward"}: jitted no-argument callables running one depthwise conv of `impl` on a
+    random input of that shape (forward+backward: the input and weight gradients of its sum)."""
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((batch, channels, height, width)).astype(np.float32))
+    net = depthwise_conv(channels, kernel_size, impl, isa=isa)
+
+    @ms.jit
+    def forward(x):
+        return net(x)
+
+    def loss(x):
+        return net(x).sum()
+
+    forward_backward = ms.jit(ms.value_and_grad(loss, 0, net.trainable_params()))
+    return {"forward": lambda: forward(x), "forward_backward": lambda: forward_backward(x)}
+
+
+def wait(result):
+    """Block until `result` (a tensor or nested tuple of tensors) is computed."""
+    if isinstance(result, (tuple, list)):
+        for item in result:
+            wait(item)
+    else:
+        result.asnumpy()
+
+
+def time_conv(impl, mode, shape, isa, repeat=1):
+    """Median seconds of `repeat` runs of one depthwise conv of `impl` at `shape` (batch, channels, height, width,
+    kernel), `mode` "forward" or "forward_backward", after one untimed run that compiles it."""
+    run = conv_runs(impl, *shape, isa=isa)[mode]
+    wait(run())
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        wait(run())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def decide(shape, isa):
+    """"direct" or "native" at `shape` (batch, channels, height, width, kernel) for the kernel build `isa`: the
+    stored verdict, else measured and stored, by forward+backward time (what training runs).
+
+    The native backward is slow where the direct kernel matters (K31@56x56x128, batch 8: ~9 s), so it is timed
+    only when needed: direct forward+backward first, then native forward alone, and if that alone is slower,
+    direct wins without timing native's backward."""
+    key = shape_key(*shape)
+    verdicts = stored_verdicts(isa)
+    if key not in verdicts:
+        seconds = {"direct_forward_backward": time_conv("direct", "forward_backward", shape, isa),
+                   "native_forward": time_conv("native", "forward", shape, isa)}
+        if seconds["native_forward"] >= seconds["direct_forward_backward"]:
+            impl = "direct"
+        else:
+            direct = seconds["direct_forward_backward"]
+            native = seconds["native_forward_backward"] = time_conv("native", "forward_backward", shape, isa)
+            if max(direct, native) < CLOSE_CALL_RATIO * min(direct, native):
+                direct = seconds["direct_forward_backward"] = time_conv("direct", "forward_backward", shape, isa,
+                                                                        CLOSE_CALL_REPEATS)
+                native = seconds["native_forward_backward"] = time_conv("native", "forward_backward", shape, isa,
+                                                                        CLOSE_CALL_REPEATS)
+            impl = "direct" if direct <= native else "native"
+        store_verdict(isa, key, impl, seconds)
+        log_verdict(isa, key, impl, "measured now: " + ", ".join(f"{name} {value * 1e3:.1f} ms"
+                                                                 for name, value in seconds.items()))
+    else:
+        log_verdict(isa, key, verdicts[key], f"measured before: {verdict_file(isa)}")
+    return verdicts[key]
+
+
+def log_verdict(isa, key, impl, how):
+    if (isa, key) not in _logged:
+        _logged.add((isa, key))
+        log.info("auto depthwise conv %s (%s build): %s (%s)", key, isa, impl, how)
+
+
+@ms.constexpr
+def direct_at(shape, kernel_size, isa):
+    """Whether an automatic conv runs direct at input `shape`: read while MindSpore traces construct (constexpr:
+    plain Python at compile time), so it reads verdicts and never measures."""
+    if any(size is None or size < 0 for size in shape):  # a dynamic shape
+        return direct_when_undecided(kernel_size)
+    key = shape_key(*shape, kernel_size)
+    impl = stored_verdicts(isa).get(key)
+    if impl is None:
+        log_verdict(isa, key, "direct" if direct_when_undecided(kernel_size) else "native",
+                    "not measured: call dwconv.decide_for before compiling")
+        return direct_when_undecided(kernel_size)
+    log_verdict(isa, key, impl, f"measured before: {verdict_file(isa)}")
+    return impl == "direct"
+
+
+def conv_input_shapes(net, convs, input_shape):
+    """{conv: its input shape} when `net` runs on `input_shape`: one eager forward of a batch of 1 in eval mode
+    (no batch statistics or random drops change), the batch size put back after."""
+    shapes = {}
+
+    def record(cell, args):
+        shapes[cell] = (input_shape[0], *args[0].shape[1:])
+
+    handles = [conv.register_forward_pre_hook(record) for conv in convs]
+    modes = [(cell, cell.training) for _, cell in net.cells_and_names()]
+    try:
+        net.set_train(False)
+        net(ops.zeros((1, *input_shape[1:]), mstype.float32))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for cell, training in modes:  # parents before children: each cell ends with its own mode
+            cell.set_train(training)
+    return shapes
+
+
+def decide_for(net, input_shape):
+    """Decide (measure, or read the stored verdict) every automatic conv of `net` for an input of `input_shape`
+    (batch, channels, height, width), before a step or forward of `net` is compiled. Returns {shape key: impl}."""
+    convs = [cell for _, cell in net.cells_and_names()
+             if isinstance(cell, DepthwiseConv) and cell.automatic and cell.direct is not None]
+    if not convs:
+        return {}
+    verdicts = {}
+    for conv, shape in conv_input_shapes(net, convs, tuple(input_shape)).items():
+        conv_shape = (*shape, conv.kernel_size[0])
+        verdicts[shape_key(*conv_shape)] = decide(conv_shape, conv.isa)
+    return verdicts
 
 
 class DepthwiseConv(nn.Conv2d):
@@ -133,12 +261,13 @@ class DepthwiseConv(nn.Conv2d):
 
     Subclassing nn.Conv2d keeps its parameters, their names, initialization and attributes (`kernel_size`,
     `stride`, ...), so code that reads a conv reads this one too. `automatic` uses the direct kernel only at
-    shapes where `direct_is_faster`; float32 only (other dtypes run the native conv)."""
+    shapes where it was measured faster (`decide_for`); float32 only (other dtypes run the native conv)."""
 
-    def __init__(self, channels, kernel_size, has_bias=False, automatic=False):
+    def __init__(self, channels, kernel_size, has_bias=False, automatic=False, isa=None):
         super().__init__(channels, channels, kernel_size, stride=1, pad_mode="pad", padding=kernel_size // 2,
                          group=channels, has_bias=has_bias)
-        self.direct = direct_conv_op() if device.cpu_kernels_enabled() else None
+        self.isa = isa or kernels.isa_level()
+        self.direct = direct_conv_op(self.isa) if device.cpu_kernels_enabled() else None
         self.automatic = automatic
 
     def use_direct(self, x):
@@ -146,8 +275,7 @@ class DepthwiseConv(nn.Conv2d):
             return False
         if not self.automatic:
             return True
-        batch, channels, height, width = x.shape
-        return direct_is_faster(batch, channels, height, width, self.kernel_size[0])
+        return direct_at(x.shape, self.kernel_size[0], self.isa)
 
     def construct(self, x):
         if self.use_direct(x):
@@ -164,10 +292,11 @@ def native_depthwise_conv(channels, kernel_size, has_bias=False):
                      group=channels, has_bias=has_bias)
 
 
-def depthwise_conv(channels, kernel_size, impl="native", has_bias=False):
+def depthwise_conv(channels, kernel_size, impl="native", has_bias=False, isa=None):
+    """`isa`: the kernel build's ISA level (kernels.py), by default `kernels.isa_level()`."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"large_kernel_impl {impl!r}: choose one of {list(IMPLEMENTATIONS)}")
     if impl == "native" or kernel_size % 2 == 0:
         # The kernels implement odd K only (even K has no symmetric "same" padding).
         return native_depthwise_conv(channels, kernel_size, has_bias)
-    return DepthwiseConv(channels, kernel_size, has_bias, automatic=impl == "auto")
+    return DepthwiseConv(channels, kernel_size, has_bias, automatic=impl == "auto", isa=isa)

@@ -1,21 +1,20 @@
-"""Exact GELU and the AdamW update as compiled one-pass kernels (`csrc/pointwise.cc`), built like dwconv's.
+"""Exact GELU and the AdamW update as compiled one-pass kernels (`csrc/pointwise.cc`), built by kernels.py.
 
 Measured on RepLKNet-31B (batch 4 @224, 2 shared cores): MindSpore builds the exact (erf) GELU and its gradient from
 ~10 primitives, 1.4 s of a 6.5 s train step; its fused AdamWeightDecay kernel takes ~0.4-0.8 s over the 80M
 parameters. Each op here is None when the library cannot be built (no compiler): callers then use MindSpore's ops.
 """
-import functools
-
 from mindspore import ops
 from mindspore.ops import signature as sig
 
-from replknet_fn import dwconv
+from replknet_fn import kernels
+from replknet_fn.kernels import same_dtype, same_shape
 
-SOURCE = dwconv.SOURCE.parent / "pointwise.cc"
+SOURCE = kernels.SOURCE_DIR / "pointwise.cc"
 
 
-def library():
-    return dwconv.compiled_library(SOURCE, "exact GELU and AdamW use MindSpore's slower ops")
+def library(isa):
+    return kernels.compiled_library(SOURCE, isa, "exact GELU and AdamW use MindSpore's slower ops")
 
 
 def fifth_shape(*shapes):
@@ -26,29 +25,29 @@ def fifth_dtype(*dtypes):
     return dtypes[4]
 
 
-@functools.lru_cache(maxsize=None)
-def gelu_op():
+@kernels.per_isa_level
+def gelu_op(isa):
     """x -> x Phi(x) (float32), whose bprop is the matching one-pass gradient kernel; None without a library."""
-    path = library()
+    path = library(isa)
     if path is None:
         return None
-    backward = ops.Custom(f"{path}:gelu_backward", dwconv.same_shape, dwconv.same_dtype, func_type="aot")
+    backward = ops.Custom(f"{path}:gelu_backward", same_shape, same_dtype, func_type="aot")
 
     def bprop(x, out, dout):
         return (backward(x, dout),)
 
-    return ops.Custom(f"{path}:gelu_forward", dwconv.same_shape, dwconv.same_dtype, func_type="aot", bprop=bprop)
+    return ops.Custom(f"{path}:gelu_forward", same_shape, same_dtype, func_type="aot", bprop=bprop)
 
 
 def scalar_shape(*_):
     return []
 
 
-@functools.lru_cache(maxsize=None)
-def squared_sum_op():
+@kernels.per_isa_level
+def squared_sum_op(isa):
     """x -> sum of x^2, a float32 scalar (float32 input); None without a library."""
-    path = library()
-    return None if path is None else ops.Custom(f"{path}:squared_sum", scalar_shape, dwconv.same_dtype,
+    path = library(isa)
+    return None if path is None else ops.Custom(f"{path}:squared_sum", scalar_shape, same_dtype,
                                                 func_type="aot")
 
 
@@ -67,9 +66,9 @@ class InPlaceUpdate(ops.Custom):
         self.add_prim_attr("side_effect_mem", True)
 
 
-@functools.lru_cache(maxsize=None)
-def adamw_op():
+@kernels.per_isa_level
+def adamw_op(isa):
     """(param, exp_avg, exp_avg_sq, grad, [lr, step], [lr scale, weight decay, beta1, beta2, eps]) -> [lr, step],
     torch.optim.AdamW applied in place (float32); None without a library."""
-    path = library()
+    path = library(isa)
     return None if path is None else InPlaceUpdate(f"{path}:adamw_update")

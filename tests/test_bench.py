@@ -1,26 +1,49 @@
 """The benchmarks run end to end on tiny shapes and report what they promise in their one JSON line."""
 import json
 
-from replknet_fn import bench
+from replknet_fn import bench, kernels
 
 
 def last_json_line(capsys):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_dwconv_bench_reports_times_and_speedups_against_native(capsys):
+def assert_describes_the_machine(result):
+    assert result["machine"]["cpu"] == kernels.cpu_model() and result["machine"]["isa"] == kernels.isa_level()
+    assert result["machine"]["isa_levels"] == list(kernels.supported_isa_levels())
+    assert result["matmul_gflops"] > 0
+
+
+def test_dwconv_bench_reports_times_rates_and_speedups_for_each_build(capsys):
     bench.main(["dwconv", "--shape", "5,8,4", "--batch_size", "2", "--repeat", "1"])
     result = last_json_line(capsys)
+    assert_describes_the_machine(result)
+    assert result["isa"] == list(kernels.supported_isa_levels())
     (shape,) = result["results"]
     assert shape["shape"] == "K5@8x8x4"
-    for impl in ("native", "direct", "auto"):
-        assert shape["seconds"][impl]["forward"] > 0 and shape["seconds"][impl]["forward_backward"] > 0
-    assert set(shape["speedup"]) == {"direct", "auto"}
+    fast = [f"{impl}/{isa}" for isa in result["isa"] for impl in ("direct", "auto")]
+    assert set(shape["seconds"]) == {"native", *fast} and set(shape["speedup"]) == set(fast)
+    # 8 output positions per axis meet 3, 4, 5, 5, 5, 5, 4, 3 taps of 5: 34; 2 x 4 planes; 2 flops each.
+    assert shape["gflop"] == {"forward": 2 * 2 * 4 * 34 ** 2 / 1e9, "forward_backward": 3 * 2 * 2 * 4 * 34 ** 2 / 1e9}
+    for variant, seconds in shape["seconds"].items():
+        for mode in ("forward", "forward_backward"):
+            assert seconds[mode] > 0
+            assert shape["gflops"][variant][mode] == shape["gflop"][mode] / seconds[mode]
+            fraction = shape["gflops"][variant][mode] / shape["matmul_gflops"]
+            assert shape["fraction_of_matmul"][variant][mode] == fraction
+
+
+def test_dwconv_bench_times_the_builds_asked_for(capsys):
+    bench.main(["dwconv", "--shape", "3,4,2", "--batch_size", "1", "--repeat", "1", "--isa", "portable",
+                "--impls", "direct"])
+    (shape,) = last_json_line(capsys)["results"]
+    assert set(shape["seconds"]) == {"native", "direct/portable"}
 
 
 def test_step_bench_reports_every_part_for_each_impl_and_the_1x1_variant(capsys):
     bench.main(["step", "--model", "replknet_tiny", "--image_size", "32", "--batch_size", "2", "--repeat", "1"])
     result = last_json_line(capsys)
+    assert_describes_the_machine(result)
     parts = {"train_step", "optimizer_and_clip", "eval_forward", "deploy_inference", "first_step"}
     assert parts <= set(result["seconds"]["auto"]) and parts <= set(result["seconds"]["native"])
     assert set(result["seconds"]["large_kernels_1"]) == {"train_step", "eval_forward"}

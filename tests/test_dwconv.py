@@ -1,14 +1,19 @@
-"""Every large-kernel depthwise conv implementation computes what the native conv computes: the output, the input
-gradient, the weight gradient and the bias gradient, to float32 rounding; `auto` keeps native where it is faster."""
+"""Every large-kernel depthwise conv implementation, in every kernel build this CPU runs, computes what the native
+conv computes: the output, the input gradient, the weight gradient and the bias gradient, to float32 rounding;
+`auto` runs whichever of direct and native it measured faster, and remembers it per machine and kernel build."""
+import json
+import logging
+
 import mindspore as ms
 import numpy as np
 import pytest
 
 from conftest import relative_error
-from replknet_fn import dwconv
+from replknet_fn import dwconv, kernels
 
 TOLERANCE = 1e-5
 FAST_IMPLS = [impl for impl in dwconv.IMPLEMENTATIONS if impl != "native"]
+ISA_LEVELS = kernels.supported_isa_levels()
 
 # (batch, channels, height, width, kernel_size): even and odd sizes, non-square maps, kernels larger than the map.
 SHAPES = [
@@ -50,11 +55,11 @@ def random_tensor(rng, shape):
     return ms.Tensor(rng.standard_normal(shape).astype(np.float32))
 
 
-def assert_matches_native(impl, shape, jit, has_bias=False, seed=0):
+def assert_matches_native(impl, shape, jit, has_bias=False, seed=0, isa=None):
     batch, channels, height, width, kernel_size = shape
     rng = np.random.default_rng(seed)
     native = dwconv.depthwise_conv(channels, kernel_size, "native", has_bias)
-    conv = dwconv.depthwise_conv(channels, kernel_size, impl, has_bias)
+    conv = dwconv.depthwise_conv(channels, kernel_size, impl, has_bias, isa=isa)
     if has_bias:
         native.bias.set_data(random_tensor(rng, (channels,)))
     same_weights(native, conv)
@@ -69,21 +74,31 @@ def assert_matches_native(impl, shape, jit, has_bias=False, seed=0):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("impl", FAST_IMPLS)
-def test_output_and_gradients_match_native(impl, shape):
-    assert_matches_native(impl, shape, jit=False)
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+def test_output_and_gradients_match_native(isa, shape):
+    assert_matches_native("direct", shape, jit=False, isa=isa)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 9, 16, 13), (1, 2, 4, 5, 31)], ids=shape_id)
-@pytest.mark.parametrize("impl", FAST_IMPLS)
-def test_output_and_gradients_match_native_under_jit(impl, shape):
-    assert_matches_native(impl, shape, jit=True)
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+def test_output_and_gradients_match_native_under_jit(isa, shape):
+    assert_matches_native("direct", shape, jit=True, isa=isa)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["pynative", "jit"])
-@pytest.mark.parametrize("impl", FAST_IMPLS)
-def test_bias_gradient_matches_native(impl, jit):
-    assert_matches_native(impl, (2, 3, 11, 10, 9), jit, has_bias=True)
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+def test_bias_gradient_matches_native(isa, jit):
+    assert_matches_native("direct", (2, 3, 11, 10, 9), jit, has_bias=True, isa=isa)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["pynative", "jit"])
+@pytest.mark.parametrize("shape", [(3, 2, 17, 33, 31), (2, 3, 5, 4, 1)], ids=shape_id)
+def test_auto_matches_native(shape, jit):
+    assert_matches_native("auto", shape, jit, has_bias=True)
+
+
+def test_the_default_build_is_the_best_level_this_cpu_runs():
+    assert dwconv.depthwise_conv(2, 5, "direct").isa == ISA_LEVELS[0]
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
@@ -122,14 +137,10 @@ def test_unknown_implementation_lists_the_valid_ones():
         dwconv.depthwise_conv(4, 7, "cuda")
 
 
-def test_auto_uses_the_direct_kernel_at_the_replknet_31b_stage_shapes():
-    for kernel_size, size, channels in [(31, 56, 128), (29, 28, 256), (27, 14, 512), (13, 7, 1024)]:
-        assert dwconv.direct_is_faster(8, channels, size, size, kernel_size)
-
-
-def test_auto_keeps_native_where_it_was_measured_faster():
-    assert not dwconv.direct_is_faster(8, 128, 56, 56, 1)
-    assert dwconv.direct_is_faster(1, 64, 2, 2, 3)
+def test_an_undecided_shape_runs_direct_for_large_kernels_and_native_at_1x1():
+    for kernel_size, size, channels in [(31, 56, 128), (29, 28, 256), (27, 14, 512), (13, 7, 1024), (3, 2, 64)]:
+        assert dwconv.direct_when_undecided(kernel_size)
+    assert not dwconv.direct_when_undecided(1)
 
 
 def test_auto_runs_native_without_touching_the_direct_kernel():
@@ -145,7 +156,7 @@ def test_without_a_compiler_it_warns_once_and_runs_native(monkeypatch, tmp_path)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setenv("REPLKNET_FN_CACHE", str(tmp_path / "cache"))
-    dwconv.compiled_library.cache_clear()
+    kernels.compiled_library.cache_clear()
     dwconv.direct_conv_op.cache_clear()
     try:
         with pytest.warns(UserWarning, match="compiler"):
@@ -155,18 +166,129 @@ def test_without_a_compiler_it_warns_once_and_runs_native(monkeypatch, tmp_path)
         x = random_tensor(np.random.default_rng(2), (1, 2, 6, 6))
         np.testing.assert_array_equal(conv(x).asnumpy(), native(x).asnumpy())
     finally:
-        dwconv.compiled_library.cache_clear()
+        kernels.compiled_library.cache_clear()
         dwconv.direct_conv_op.cache_clear()
 
 
-def test_the_build_is_cached(monkeypatch, tmp_path):
+# --- auto: measured verdicts -------------------------------------------------------------------------------------
+
+SHAPE = (2, 4, 8, 8, 5)
+
+
+@pytest.fixture
+def verdict_cache(monkeypatch, tmp_path):
+    """An empty verdict cache (on disk and in memory) and no shape logged yet in this process."""
     monkeypatch.setenv("REPLKNET_FN_CACHE", str(tmp_path))
-    dwconv.compiled_library.cache_clear()
-    try:
-        library = dwconv.compiled_library()
-        assert library.parent == tmp_path and library.exists()
-        dwconv.compiled_library.cache_clear()
-        assert dwconv.compiled_library() == library
-        assert [path.name for path in tmp_path.iterdir()] == [library.name]
-    finally:
-        dwconv.compiled_library.cache_clear()
+    monkeypatch.setattr(dwconv, "_verdicts", {})
+    monkeypatch.setattr(dwconv, "_logged", set())
+    return tmp_path
+
+
+def fake_timings(monkeypatch, seconds):
+    """Make dwconv time convs by `seconds` {(impl, mode): s}; returns the list of (impl, mode) timed."""
+    timed = []
+
+    def time_conv(impl, mode, shape, isa, repeat=1):
+        timed.append((impl, mode))
+        return seconds[(impl, mode)]
+
+    monkeypatch.setattr(dwconv, "time_conv", time_conv)
+    return timed
+
+
+def forget_this_process(monkeypatch):
+    monkeypatch.setattr(dwconv, "_verdicts", {})
+    monkeypatch.setattr(dwconv, "_logged", set())
+
+
+def test_auto_picks_direct_without_timing_the_native_backward_when_native_forward_alone_is_slower(
+        verdict_cache, monkeypatch):
+    timed = fake_timings(monkeypatch, {("direct", "forward_backward"): 0.07, ("native", "forward"): 0.6})
+    assert dwconv.decide(SHAPE, ISA_LEVELS[0]) == "direct"
+    assert ("native", "forward_backward") not in timed
+
+
+def test_auto_picks_native_where_native_is_faster(verdict_cache, monkeypatch):
+    fake_timings(monkeypatch, {("direct", "forward_backward"): 0.05, ("native", "forward"): 0.004,
+                               ("native", "forward_backward"): 0.03})
+    assert dwconv.decide(SHAPE, ISA_LEVELS[0]) == "native"
+
+
+def test_auto_picks_direct_where_its_forward_and_backward_is_faster(verdict_cache, monkeypatch):
+    fake_timings(monkeypatch, {("direct", "forward_backward"): 0.05, ("native", "forward"): 0.02,
+                               ("native", "forward_backward"): 2.0})
+    assert dwconv.decide(SHAPE, ISA_LEVELS[0]) == "direct"
+
+
+def test_a_close_call_is_timed_again_before_auto_picks(verdict_cache, monkeypatch):
+    timed = fake_timings(monkeypatch, {("direct", "forward_backward"): 0.050, ("native", "forward"): 0.02,
+                                       ("native", "forward_backward"): 0.045})
+    assert dwconv.decide(SHAPE, ISA_LEVELS[0]) == "native"
+    assert timed.count(("native", "forward_backward")) == 2 and timed.count(("direct", "forward_backward")) == 2
+
+
+def test_a_verdict_is_stored_on_disk_and_reused_by_the_next_process(verdict_cache, monkeypatch):
+    timed = fake_timings(monkeypatch, {("direct", "forward_backward"): 0.05, ("native", "forward"): 0.004,
+                                       ("native", "forward_backward"): 0.03})
+    isa = ISA_LEVELS[0]
+    dwconv.decide(SHAPE, isa)
+    (stored,) = verdict_cache.glob("dwconv_auto-*.json")
+    assert json.loads(stored.read_text())["verdicts"][dwconv.shape_key(*SHAPE)]["impl"] == "native"
+    forget_this_process(monkeypatch)
+    timed.clear()
+    assert dwconv.decide(SHAPE, isa) == "native" and timed == []
+
+
+def test_verdicts_are_kept_per_cpu_and_kernel_build(verdict_cache, monkeypatch):
+    timed = fake_timings(monkeypatch, {("direct", "forward_backward"): 0.05, ("native", "forward"): 0.004,
+                                       ("native", "forward_backward"): 0.03})
+    for isa in ISA_LEVELS:
+        dwconv.decide(SHAPE, isa)
+    assert len(set(verdict_cache.glob("dwconv_auto-*.json"))) == len(ISA_LEVELS)
+    forget_this_process(monkeypatch)
+    timed.clear()
+    monkeypatch.setattr(kernels, "cpu_description", lambda: "model name : another CPU")
+    dwconv.decide(SHAPE, ISA_LEVELS[-1])
+    assert ("direct", "forward_backward") in timed
+
+
+def test_each_shape_is_logged_once(verdict_cache, monkeypatch, caplog):
+    fake_timings(monkeypatch, {("direct", "forward_backward"): 0.07, ("native", "forward"): 0.6})
+    with caplog.at_level(logging.INFO, logger="replknet_fn.dwconv"):
+        for _ in range(3):
+            dwconv.decide(SHAPE, ISA_LEVELS[0])
+    (record,) = caplog.records
+    assert dwconv.shape_key(*SHAPE) in record.getMessage() and "direct" in record.getMessage()
+
+
+class TwoConvs(ms.nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.large = dwconv.depthwise_conv(4, 5, "auto")
+        self.pool = ms.nn.AvgPool2d(2, 2)
+        self.small = dwconv.depthwise_conv(4, 3, "auto")
+
+    def construct(self, x):
+        return self.small(self.pool(self.large(x)))
+
+
+def test_decide_for_finds_each_conv_input_shape_and_construct_follows_the_verdicts(verdict_cache, monkeypatch):
+    net = TwoConvs()
+    net.set_train(True)
+    native_at = dwconv.shape_key(3, 4, 4, 4, 3)
+
+    def time_conv(impl, mode, shape, isa, repeat=1):
+        native_wins = dwconv.shape_key(*shape) == native_at
+        return {("direct", "forward_backward"): 0.05, ("native", "forward"): 0.001 if native_wins else 0.6,
+                ("native", "forward_backward"): 0.01}[(impl, mode)]
+
+    monkeypatch.setattr(dwconv, "time_conv", time_conv)
+    verdicts = dwconv.decide_for(net, (3, 4, 8, 8))
+    assert verdicts == {dwconv.shape_key(3, 4, 8, 8, 5): "direct", native_at: "native"}
+    assert net.training and net.large.training
+
+    def fail(*_):
+        raise AssertionError("the direct kernel ran")
+
+    net.small.direct = fail
+    net(random_tensor(np.random.default_rng(5), (3, 4, 8, 8)))  # large: direct; small: native

@@ -15,9 +15,16 @@
 // these kernels' time; but measured on RepLKNet-31B (2 cores), OpenMP threads here made the step 2x slower: after
 // each kernel they spin, waiting for more work, and take the cores from the convolutions and BN that follow
 // (step 4.1 s with them, 1.9 s without; GELU 0.32 s -> 0.03 s, AdamW 0.77 s -> 0.18 s per step).
+//
+// Built once per ISA level (kernels.py): REPLKNET_LANES, the floats per vector register (16, 8 or 4), sets the
+// partial sums of squared_sum; the loops are vectorized by the compiler for the level's target.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#ifndef REPLKNET_LANES
+#define REPLKNET_LANES 4
+#endif
 
 namespace {
 
@@ -110,8 +117,9 @@ extern "C" int squared_sum(int nparam, void **params, int *ndims, int64_t **shap
   if (nparam != 2 || !all_float32(nparam, dtypes)) return 1;
   const int64_t n = element_count(ndims[0], shapes[0]);
   const float *x = static_cast<const float *>(params[0]);
-  // 16 float partial sums (one vector register), each over at most 2^13 elements before it is added to a double.
-  constexpr int kLanes = 16;
+  // kLanes float partial sums (one vector register), each over at most 2^17 / kLanes elements before it is added
+  // to a double.
+  constexpr int kLanes = REPLKNET_LANES;
   constexpr int64_t kBlock = int64_t(1) << 17;
   double total = 0.0;
   for (int64_t begin = 0; begin < n; begin += kBlock) {

@@ -1,0 +1,121 @@
+"""Kernel builds: one per ISA level, chosen from the CPU or REPLKNET_FN_ISA, cached per level; the pointwise kernels
+(exact GELU, AdamW, squared sum) compute their formulas in every build this CPU runs."""
+import math
+import shutil
+import subprocess
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from replknet_fn import dwconv, kernels, pointwise
+
+ISA_LEVELS = kernels.supported_isa_levels()
+
+
+def test_the_default_level_is_the_highest_the_cpu_runs(monkeypatch):
+    monkeypatch.delenv(kernels.ISA_VARIABLE, raising=False)
+    assert kernels.isa_level() == ISA_LEVELS[0]
+    assert ISA_LEVELS[-1] == "portable"
+
+
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+def test_the_environment_variable_chooses_the_level(monkeypatch, isa):
+    monkeypatch.setenv(kernels.ISA_VARIABLE, isa)
+    assert kernels.isa_level() == isa
+    assert dwconv.depthwise_conv(2, 5, "direct").isa == isa
+
+
+def test_an_unknown_level_lists_the_valid_ones(monkeypatch):
+    monkeypatch.setenv(kernels.ISA_VARIABLE, "sse9")
+    with pytest.raises(ValueError, match="avx512.*avx2.*portable"):
+        kernels.isa_level()
+
+
+def test_a_level_the_cpu_cannot_run_is_an_error_naming_what_it_lacks(monkeypatch):
+    monkeypatch.setattr(kernels, "is_x86", lambda: True)
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"sse4_2", "avx", "avx2", "fma"}))
+    monkeypatch.setenv(kernels.ISA_VARIABLE, "avx512")
+    with pytest.raises(ValueError, match="lacks.*avx512f.*runs portable"):
+        kernels.isa_level()
+
+
+def test_every_level_has_its_own_cached_build(monkeypatch, tmp_path):
+    monkeypatch.setenv("REPLKNET_FN_CACHE", str(tmp_path))
+    kernels.compiled_library.cache_clear()
+    try:
+        libraries = [dwconv.library(isa) for isa in ISA_LEVELS]
+        assert len(set(libraries)) == len(ISA_LEVELS)
+        assert all(library.parent == tmp_path and library.exists() for library in libraries)
+        kernels.compiled_library.cache_clear()
+        assert [dwconv.library(isa) for isa in ISA_LEVELS] == libraries
+        assert sorted(path.name for path in tmp_path.iterdir()) == sorted(library.name for library in libraries)
+    finally:
+        kernels.compiled_library.cache_clear()
+
+
+def test_each_level_compiles_for_its_vector_width():
+    for isa, lanes in kernels.LANES.items():
+        assert f"-DREPLKNET_LANES={lanes}" in kernels.compile_flags(isa)
+
+
+def portable_flags():
+    return [flag for flag in kernels.compile_flags("portable") if not flag.startswith(("-march", "-mtune"))]
+
+
+@pytest.mark.parametrize("source", [dwconv.SOURCE, pointwise.SOURCE], ids=lambda path: path.name)
+def test_the_portable_build_has_no_asm_or_intrinsics(source):
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    preprocessed = subprocess.run([compiler, *portable_flags(), "-E", "-P", str(source)], capture_output=True,
+                                  text=True, check=True).stdout
+    ours = preprocessed[preprocessed.index("namespace {"):]  # after the system headers
+    assert "asm" not in ours and "_mm" not in ours
+
+
+@pytest.mark.parametrize("source", [dwconv.SOURCE, pointwise.SOURCE], ids=lambda path: path.name)
+def test_the_portable_build_compiles_for_arm(source, tmp_path):
+    compiler = shutil.which("aarch64-linux-gnu-g++")
+    if compiler is None:
+        pytest.skip("no aarch64 cross compiler (Debian: apt-get install g++-aarch64-linux-gnu)")
+    subprocess.run([compiler, *portable_flags(), "-march=armv8-a", "-Werror", str(source), "-o",
+                    str(tmp_path / "arm.so")], capture_output=True, text=True, check=True)
+
+
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+def test_gelu_is_the_exact_erf_form_forward_and_backward(isa):
+    gelu = pointwise.gelu_op(isa)
+    x = np.linspace(-8, 8, 2001).astype(np.float32)
+    exact_x = x.astype(np.float64)
+    cdf = 0.5 * (1 + np.vectorize(math.erf)(exact_x / math.sqrt(2)))
+    pdf = np.exp(-0.5 * exact_x ** 2) / math.sqrt(2 * math.pi)
+    value, grad = ms.value_and_grad(lambda t: gelu(t).sum())(ms.Tensor(x))
+    np.testing.assert_allclose(gelu(ms.Tensor(x)).asnumpy(), exact_x * cdf, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(grad.asnumpy(), cdf + exact_x * pdf, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+def test_squared_sum(isa):
+    x = np.random.default_rng(0).standard_normal(1000 + 7).astype(np.float32)  # not a multiple of any width
+    np.testing.assert_allclose(pointwise.squared_sum_op(isa)(ms.Tensor(x)).asnumpy(),
+                               np.sum(x.astype(np.float64) ** 2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+def test_adamw_follows_torch_in_place(isa):
+    rng = np.random.default_rng(0)
+    size, lr, weight_decay, beta1, beta2, eps = 37, 0.1, 0.05, 0.9, 0.999, 1e-8
+    start = rng.standard_normal(size)
+    grads = [rng.standard_normal(size) for _ in range(3)]
+    param, exp_avg, exp_avg_sq = (ms.Parameter(ms.Tensor(value.astype(np.float32)), name=name)
+                                  for value, name in [(start, "p"), (np.zeros(size), "m"), (np.zeros(size), "v")])
+    adamw = pointwise.adamw_op(isa)
+    expected, m, v = start.copy(), np.zeros(size), np.zeros(size)
+    for step, g in enumerate(grads, start=1):
+        adamw(param, exp_avg, exp_avg_sq, ms.Tensor(g.astype(np.float32)), ms.Tensor([lr, step], ms.float32),
+              ms.Tensor([1.0, weight_decay, beta1, beta2, eps], ms.float32))
+        expected = expected * (1 - lr * weight_decay)
+        m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
+        expected -= lr * (m / (1 - beta1 ** step)) / (np.sqrt(v / (1 - beta2 ** step)) + eps)
+    np.testing.assert_allclose(param.asnumpy(), expected, rtol=2e-5, atol=1e-6)
