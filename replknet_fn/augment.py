@@ -5,15 +5,15 @@ picks seeds: data.py decides which generator each sample and batch gets.
 """
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from replknet_fn.config import INTERPOLATIONS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-                  "lanczos": Image.LANCZOS}
 
 
 class DataError(ValueError):
@@ -109,7 +109,7 @@ def random_erasing(chw, rng, probability, min_area=0.02, max_area=1 / 3, min_asp
 def eval_transform(image, image_resize=224, crop_pct=0.875, interpolation="bicubic"):
     """timm's eval transform: resize the shorter side to floor(image_resize / crop_pct), centre crop
     image_resize x image_resize, normalize. PIL RGB image -> float32 CHW array."""
-    resample = _interpolation(interpolation)
+    resample = resample_filter(interpolation)
     scale_size = int(math.floor(image_resize / crop_pct))
     width, height = image.size
     if width <= height:
@@ -124,10 +124,11 @@ def eval_transform(image, image_resize=224, crop_pct=0.875, interpolation="bicub
     return normalize(image.crop((left, top, left + image_resize, top + image_resize)))
 
 
-def _interpolation(name):
+def resample_filter(name):
+    """Pillow's resampling filter for an interpolation name of config.INTERPOLATIONS ('bicubic' -> BICUBIC)."""
     if name not in INTERPOLATIONS:
         raise DataError(f"interpolation {name!r} is not one of {sorted(INTERPOLATIONS)}")
-    return INTERPOLATIONS[name]
+    return getattr(Image, name.upper())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ def parse_rand_augment(config_str, interpolation="bicubic", fill=IMAGENET_MEAN_R
     if name not in ("rand", "randaug"):
         raise DataError(f"auto_augment {config_str!r}: only RandAugment strings ('randaug-m9-mstd0.5' or timm's "
                         f"'rand-m9-mstd0.5') are supported")
-    options = {"ops": RAND_AUGMENT_OPS, "interpolation": _interpolation(interpolation), "fill": tuple(fill)}
+    options = {"ops": RAND_AUGMENT_OPS, "interpolation": resample_filter(interpolation), "fill": tuple(fill)}
     weighted = False
     for section in sections:
         match = re.fullmatch(r"(m|n|mstd|mmax|inc|w|p)([0-9]+\.?[0-9]*)", section)
@@ -290,11 +291,90 @@ def apply_augment_op(image, name, argument, fill=IMAGENET_MEAN_RGB, interpolatio
     raise DataError(f"unknown RandAugment op {name!r}")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe's settings, read from the config
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """The config keys the training augmentations read. Their defaults, the RepLKNet ImageNet recipe (the
+    official repo's timm arguments: rand-m9-mstd0.5, reprob 0.25, mixup 0.8, cutmix 1.0, smoothing 0.1), are
+    declared once, in config.OPTIONS; build the settings with `from_config`."""
+    image_resize: int         # output crop size
+    scale: tuple              # RandomResizedCrop area fraction range
+    ratio: tuple              # RandomResizedCrop aspect ratio range
+    interpolation: str        # crop resize and RandAugment geometry
+    hflip: float              # horizontal flip probability
+    auto_augment: str         # RandAugment string, or None/'' for none
+    color_jitter: float       # brightness=contrast=saturation strength; ignored with auto_augment (timm)
+    re_prob: float            # random erasing probability (timm 'pixel' mode)
+    mixup: float              # mixup Beta(alpha, alpha); 0 disables
+    cutmix: float             # cutmix Beta(alpha, alpha); 0 disables
+    cutmix_prob: float        # probability that a batch is mixed at all (timm's mixup_prob; mindcv's name)
+    mixup_switch_prob: float  # with both alphas > 0: probability a mixed batch uses cutmix, else mixup
+    label_smoothing: float    # folded into the soft targets
+
+    @classmethod
+    def from_config(cls, config):
+        values = config_values(config, [field.name for field in fields(cls)])
+        for name in ("scale", "ratio"):
+            values[name] = tuple(float(value) for value in values[name])
+        if isinstance(values["color_jitter"], list):
+            values["color_jitter"] = tuple(values["color_jitter"])
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self):
+        problems = []
+        for name in ("hflip", "re_prob", "cutmix_prob", "mixup_switch_prob", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name}={getattr(self, name)} is not in [0, 1]")
+        for name in ("mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)} must be >= 0 (0 disables)")
+        if self.image_resize < 1:
+            problems.append(f"image_resize={self.image_resize} must be >= 1")
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            problems.append(f"scale={self.scale} must be (min, max) with 0 < min <= max")
+        if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
+            problems.append(f"ratio={self.ratio} must be (min, max) with 0 < min <= max")
+        if self.interpolation not in INTERPOLATIONS:
+            problems.append(f"interpolation={self.interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
+        if problems:
+            raise DataError("bad data settings: " + "; ".join(problems))
+        self.rand_augment()  # raises for a bad auto_augment string
+
+    def uses_rand_augment(self):
+        return bool(self.auto_augment) and str(self.auto_augment).lower() != "none"
+
+    def rand_augment(self):
+        return parse_rand_augment(self.auto_augment, self.interpolation) if self.uses_rand_augment() else None
+
+    def jitter_strengths(self):
+        """(brightness, contrast, saturation, hue) for color_jitter, or None. timm applies colour jitter only
+        without auto_augment (transforms_imagenet_train: `elif color_jitter is not None`), and so do we."""
+        if self.uses_rand_augment() or not self.color_jitter:
+            return None
+        if isinstance(self.color_jitter, (tuple, list)):
+            return tuple(self.color_jitter) + (0.0,) * (4 - len(self.color_jitter))
+        return (float(self.color_jitter),) * 3 + (0.0,)
+
+
+def config_values(config, names):
+    """{name: config.<name>} for each of `names`. The defaults live only in config.OPTIONS, so a config that
+    lacks a key (one not built on config.DEFAULTS) is an error naming the keys, not silently filled in."""
+    missing = [name for name in names if not hasattr(config, name)]
+    if missing:
+        raise DataError(f"the config has no {', '.join(missing)}; build it on replknet_fn.config.DEFAULTS, "
+                        f"e.g. Config(DEFAULTS, batch_size=...)")
+    return {name: getattr(config, name) for name in names}
+
+
 def train_transform(image, rng, settings, rand_augment=None):
     """One training image: random resized crop, flip, RandAugment (or colour jitter), normalize, random erasing.
     The order is timm's transforms_imagenet_train. PIL RGB image -> float32 CHW array."""
     image = random_resized_crop(image, rng, settings.image_resize, settings.scale, settings.ratio,
-                                _interpolation(settings.interpolation))
+                                resample_filter(settings.interpolation))
     if settings.hflip > 0 and rng.random() < settings.hflip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     if rand_augment is not None:

@@ -13,6 +13,8 @@ import yaml
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"  # the entry scripts' default
+# Resize filters by name: the `interpolation` key's choices, and what augment.py maps to Pillow's filters.
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 
 class ConfigError(ValueError):
@@ -53,7 +55,7 @@ def _options():
         "image_resize": o(224, "training crop and evaluation crop size", low=8),
         "scale": o((0.08, 1.0), "RandomResizedCrop area range", element=float),
         "ratio": o((0.75, 1.333), "RandomResizedCrop aspect-ratio range", element=float),
-        "interpolation": o("bicubic", "resize interpolation", choices=["bicubic", "bilinear", "nearest"]),
+        "interpolation": o("bicubic", "resize interpolation", choices=list(INTERPOLATIONS)),
         "hflip": o(0.5, "horizontal flip probability", low=0.0, high=1.0),
         "auto_augment": o("randaug-m9-mstd0.5", "timm-style RandAugment spec, or '' for none"),
         "color_jitter": o(0.4, "brightness/contrast/saturation jitter (skipped when auto_augment is set, "

@@ -28,13 +28,13 @@ RandAugment has no magnitude noise; and skipping bad samples there can make shar
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 from PIL import Image
 
-from replknet_fn.augment import (INTERPOLATIONS, DataError, _interpolation, eval_transform, mix_batch,
-                                 parse_rand_augment, train_transform)
+from replknet_fn.augment import (AugmentSettings, DataError, config_values, eval_transform, mix_batch,
+                                 resample_filter, train_transform)
 from replknet_fn.workers import map_in_workers
 
 log = logging.getLogger(__name__)
@@ -164,80 +164,6 @@ class _ScanJob:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Train settings: the recipe's keys, read once from the config
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """The config attributes the training data uses. Defaults are the RepLKNet ImageNet recipe (official
-    repo's timm arguments: rand-m9-mstd0.5, reprob 0.25, mixup 0.8, cutmix 1.0, smoothing 0.1)."""
-    batch_size: int = 64             # per rank
-    image_resize: int = 224          # output crop size
-    scale: tuple = (0.08, 1.0)       # RandomResizedCrop area fraction range
-    ratio: tuple = (3 / 4, 4 / 3)    # RandomResizedCrop aspect ratio range
-    interpolation: str = "bicubic"   # crop resize and RandAugment geometry
-    hflip: float = 0.5               # horizontal flip probability
-    auto_augment: str = "randaug-m9-mstd0.5"  # RandAugment string, or None/'' for none
-    color_jitter: float = 0.4        # brightness=contrast=saturation strength; ignored with auto_augment (timm)
-    re_prob: float = 0.25            # random erasing probability (timm 'pixel' mode)
-    mixup: float = 0.8               # mixup Beta(alpha, alpha); 0 disables
-    cutmix: float = 1.0              # cutmix Beta(alpha, alpha); 0 disables
-    cutmix_prob: float = 1.0         # probability that a batch is mixed at all (timm's mixup_prob; mindcv's name)
-    mixup_switch_prob: float = 0.5   # with both alphas > 0: probability a mixed batch uses cutmix, else mixup
-    label_smoothing: float = 0.1     # folded into the soft targets
-    seed: int = 0
-    num_parallel_workers: int = 0    # processes building batches; 0 or 1 builds them in this process
-
-    @classmethod
-    def from_config(cls, config):
-        values = {name: getattr(config, name) for name in cls.__dataclass_fields__ if hasattr(config, name)}
-        for name in ("scale", "ratio"):
-            if name in values:
-                values[name] = tuple(float(value) for value in values[name])
-        if isinstance(values.get("color_jitter"), list):
-            values["color_jitter"] = tuple(values["color_jitter"])
-        settings = cls(**values)
-        settings.check()
-        return settings
-
-    def check(self):
-        problems = []
-        for name in ("hflip", "re_prob", "cutmix_prob", "mixup_switch_prob", "label_smoothing"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                problems.append(f"{name}={getattr(self, name)} is not in [0, 1]")
-        for name in ("mixup", "cutmix"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name}={getattr(self, name)} must be >= 0 (0 disables)")
-        if self.batch_size < 1 or self.image_resize < 1:
-            problems.append(f"batch_size={self.batch_size} and image_resize={self.image_resize} must be >= 1")
-        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
-            problems.append(f"scale={self.scale} must be (min, max) with 0 < min <= max")
-        if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
-            problems.append(f"ratio={self.ratio} must be (min, max) with 0 < min <= max")
-        if self.interpolation not in INTERPOLATIONS:
-            problems.append(f"interpolation={self.interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
-        if self.seed < 0:
-            problems.append(f"seed={self.seed} must be >= 0")
-        if problems:
-            raise DataError("bad data settings: " + "; ".join(problems))
-        self.rand_augment()  # raises for a bad auto_augment string
-
-    def uses_rand_augment(self):
-        return bool(self.auto_augment) and str(self.auto_augment).lower() != "none"
-
-    def rand_augment(self):
-        return parse_rand_augment(self.auto_augment, self.interpolation) if self.uses_rand_augment() else None
-
-    def jitter_strengths(self):
-        """(brightness, contrast, saturation, hue) for color_jitter, or None. timm applies colour jitter only
-        without auto_augment (transforms_imagenet_train: `elif color_jitter is not None`), and so do we."""
-        if self.uses_rand_augment() or not self.color_jitter:
-            return None
-        if isinstance(self.color_jitter, (tuple, list)):
-            return tuple(self.color_jitter) + (0.0,) * (4 - len(self.color_jitter))
-        return (float(self.color_jitter),) * 3 + (0.0,)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Epoch plan: order, shards, batch counts, random generators
 
 _ORDER, _SAMPLE, _BATCH = 0, 1, 2  # separate random streams per purpose
@@ -267,6 +193,42 @@ def train_positions(num_samples, batch_size, rank=0, world_size=1):
     every k that fills a batch. Sample index = epoch_order(...)[position % num_samples]."""
     count = num_train_batches(num_samples, batch_size, world_size) * batch_size
     return np.arange(count, dtype=np.int64) * world_size + rank
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings: what the batches read from the config, every key of it (the defaults are in config.OPTIONS only)
+
+@dataclass(frozen=True)
+class TrainSettings:
+    batch_size: int             # per rank
+    seed: int
+    num_parallel_workers: int   # processes building batches; 0 or 1 builds them in this process
+    augment: AugmentSettings    # image_resize and the recipe's augmentations
+
+    @classmethod
+    def from_config(cls, config):
+        settings = cls(**config_values(config, ["batch_size", "seed", "num_parallel_workers"]),
+                       augment=AugmentSettings.from_config(config))
+        problems = [f"{name}={getattr(settings, name)} must be >= {low}"
+                    for name, low in (("batch_size", 1), ("seed", 0)) if getattr(settings, name) < low]
+        if problems:
+            raise DataError("bad data settings: " + "; ".join(problems))
+        return settings
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    batch_size: int             # per rank
+    image_resize: int           # centre crop size
+    crop_pct: float             # the shorter side is resized to image_resize / crop_pct first
+    interpolation: str
+    num_parallel_workers: int
+
+    @classmethod
+    def from_config(cls, config):
+        settings = cls(**config_values(config, [field.name for field in fields(cls)]))
+        resample_filter(settings.interpolation)  # an unknown name fails now, not in the first batch
+        return settings
 
 
 @dataclass
@@ -301,14 +263,14 @@ class _TrainEpoch:
     known_bad: dict = field(default_factory=dict)  # per process cache, only saves re-decoding
 
     def __post_init__(self):
-        self.rand_augment = self.settings.rand_augment()
+        self.rand_augment = self.settings.augment.rand_augment()
 
     def array_specs(self):
-        size, batch_size = self.settings.image_resize, self.settings.batch_size
+        size, batch_size = self.settings.augment.image_resize, self.settings.batch_size
         return [((batch_size, 3, size, size), np.float32), ((batch_size, self.num_classes), np.float32)]
 
     def build(self, batch_index):
-        settings, size = self.settings, self.settings.image_resize
+        settings, size = self.settings, self.settings.augment.image_resize
         images = np.empty((settings.batch_size, 3, size, size), np.float32)
         labels = np.empty(settings.batch_size, np.int64)
         failures = []
@@ -316,9 +278,9 @@ class _TrainEpoch:
             position = (batch_index * settings.batch_size + row) * self.world_size + self.rank  # train_positions
             image, labels[row] = self._load_at(position, failures)
             rng = _generator(settings.seed, self.epoch, _SAMPLE, position)
-            images[row] = train_transform(image, rng, settings, self.rand_augment)
+            images[row] = train_transform(image, rng, settings.augment, self.rand_augment)
         batch_rng = _generator(settings.seed, self.epoch, _BATCH, batch_index * self.world_size + self.rank)
-        return mix_batch(images, labels, self.num_classes, batch_rng, settings), failures
+        return mix_batch(images, labels, self.num_classes, batch_rng, settings.augment), failures
 
     def _load_at(self, position, failures):
         """The sample at `position`, or the first one after it in the epoch's order that decodes. Only the
@@ -338,31 +300,26 @@ class _TrainEpoch:
 @dataclass
 class _EvalShard:
     samples: list
-    batch_size: int
-    image_resize: int
-    crop_pct: float
-    interpolation: str
+    settings: EvalSettings
 
     def array_specs(self):
-        size = self.image_resize
-        return [((self.batch_size, 3, size, size), np.float32), ((self.batch_size,), np.int32),
-                ((self.batch_size,), np.float32)]
+        size, batch_size = self.settings.image_resize, self.settings.batch_size
+        return [((batch_size, 3, size, size), np.float32), ((batch_size,), np.int32), ((batch_size,), np.float32)]
 
     def build(self, batch_index):
-        size = self.image_resize
-        images = np.zeros((self.batch_size, 3, size, size), np.float32)
-        labels = np.zeros(self.batch_size, np.int32)
-        valid = np.zeros(self.batch_size, np.float32)
+        settings, size, batch_size = self.settings, self.settings.image_resize, self.settings.batch_size
+        images = np.zeros((batch_size, 3, size, size), np.float32)
+        labels = np.zeros(batch_size, np.int32)
+        valid = np.zeros(batch_size, np.float32)
         failures = []
-        for row, (path, label) in enumerate(self.samples[batch_index * self.batch_size:
-                                                         (batch_index + 1) * self.batch_size]):
+        for row, (path, label) in enumerate(self.samples[batch_index * batch_size:(batch_index + 1) * batch_size]):
             labels[row] = label
             try:
                 image = load_rgb(path)
             except DataError as error:
                 failures.append((path, str(error), True))
                 continue
-            images[row] = eval_transform(image, size, self.crop_pct, self.interpolation)
+            images[row] = eval_transform(image, size, settings.crop_pct, settings.interpolation)
             valid[row] = 1.0
         return (images, labels, valid), failures
 
@@ -375,8 +332,8 @@ def train_batches(samples, num_classes, config, epoch, rank=0, world_size=1, sta
 
     images: float32 (batch_size, 3, image_resize, image_resize), normalized; targets: float32
     (batch_size, num_classes) soft labels that already contain mixup/cutmix and label smoothing (use a plain
-    soft-target cross-entropy). `config` is any object with the TrainSettings attributes. Bad files are
-    replaced and counted in `stats` (a DataStats) when given."""
+    soft-target cross-entropy). `config` is the run's config (it must hold every key TrainSettings reads).
+    Bad files are replaced and counted in `stats` (a DataStats) when given."""
     settings = TrainSettings.from_config(config)
     stats = stats if stats is not None else DataStats()
     num_batches = num_train_batches(len(samples), settings.batch_size, world_size)
@@ -397,18 +354,14 @@ def eval_batches(samples, config, rank=0, world_size=1, stats=None):
 
     Every rank yields num_eval_batches(...) full-size batches: slots past the end of the shard and images
     that do not decode have valid=0 (zeros image, label 0), so each decodable image counts exactly once
-    across ranks. Uses config.batch_size, image_resize, crop_pct (default 0.875), interpolation,
-    num_parallel_workers."""
+    across ranks. `config` holds at least the keys EvalSettings reads."""
     if not 0 <= rank < world_size:
         raise DataError(f"rank={rank} is not in [0, world_size={world_size})")
-    batch_size = config.batch_size
-    num_batches = num_eval_batches(len(samples), batch_size, world_size)
-    job = _EvalShard(list(samples)[rank::world_size], batch_size, config.image_resize,
-                     getattr(config, "crop_pct", 0.875), getattr(config, "interpolation", "bicubic"))
-    _interpolation(job.interpolation)
-    workers = getattr(config, "num_parallel_workers", 0)
+    settings = EvalSettings.from_config(config)
+    num_batches = num_eval_batches(len(samples), settings.batch_size, world_size)
+    job = _EvalShard(list(samples)[rank::world_size], settings)
     stats = stats if stats is not None else DataStats()
-    return _recorded(map_in_workers(job, range(num_batches), workers), stats)
+    return _recorded(map_in_workers(job, range(num_batches), settings.num_parallel_workers), stats)
 
 
 def _recorded(batches, stats):

@@ -30,7 +30,7 @@ import numpy as np
 from replknet_fn import data, device
 from replknet_fn.checkpoint import CheckpointError, load_parameters, read_checkpoint
 from replknet_fn.ckpt_io import network_from_checkpoint
-from replknet_fn.config import Config
+from replknet_fn.config import INTERPOLATIONS, Config
 from replknet_fn.convert import net_parameters
 from replknet_fn.dwconv import IMPLEMENTATIONS
 from replknet_fn.model import MODELS, build_replknet
@@ -131,8 +131,8 @@ def load_predictor(ckpt, model=None, reparam=False, labels=None, image_resize=No
     settings = PredictSettings(**{key: trained[key] for key in chosen if key in trained})
     settings = replace(settings, **{key: value for key, value in chosen.items() if value is not None},
                        num_parallel_workers=num_parallel_workers, jit=jit)
-    if settings.interpolation not in data.INTERPOLATIONS:
-        raise PredictError(f"interpolation {settings.interpolation!r}: choose one of {sorted(data.INTERPOLATIONS)}")
+    if settings.interpolation not in INTERPOLATIONS:
+        raise PredictError(f"interpolation {settings.interpolation!r}: choose one of {sorted(INTERPOLATIONS)}")
     return net, class_names, settings
 
 
@@ -245,7 +245,7 @@ def main(argv=None):
     parser.add_argument("--image_size", type=int, default=None, help="crop size (default: the checkpoint's "
                                                                      "image_resize, else 224)")
     parser.add_argument("--crop_pct", type=float, default=None, help="default: the checkpoint's, else 0.875")
-    parser.add_argument("--interpolation", default=None, choices=sorted(data.INTERPOLATIONS),
+    parser.add_argument("--interpolation", default=None, choices=sorted(INTERPOLATIONS),
                         help="default: the checkpoint's, else bicubic")
     parser.add_argument("--top_k", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=16)

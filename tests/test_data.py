@@ -5,25 +5,21 @@ import os
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from replknet_fn import augment, data
+from replknet_fn.config import DEFAULTS, Config
 from replknet_fn.data import DataError, DataStats
 from replknet_fn.demo_data import CLASS_NAMES, MARKER, ensure_demo_dataset
 
 
 def recipe(**overrides):
-    """The full recipe at a tiny size: every augmentation on."""
-    values = dict(batch_size=4, image_resize=16, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bicubic",
-                  hflip=0.5, auto_augment="randaug-m9-mstd0.5", color_jitter=0.4, re_prob=0.25, mixup=0.8,
-                  cutmix=1.0, cutmix_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1, seed=3,
-                  num_parallel_workers=0, crop_pct=0.875)
-    values.update(overrides)
-    return SimpleNamespace(**values)
+    """The full recipe (the config's defaults) at a tiny size: every augmentation on."""
+    return Config(DEFAULTS, **{**dict(batch_size=4, image_resize=16, ratio=(3 / 4, 4 / 3), seed=3,
+                                      num_parallel_workers=0), **overrides})
 
 
 def plain(**overrides):
@@ -309,9 +305,9 @@ def test_every_rand_augment_op_runs_and_keeps_the_size(tmp_path):
 
 
 def test_colour_jitter_is_skipped_when_auto_augment_is_on_as_in_timm():
-    assert data.TrainSettings.from_config(recipe()).jitter_strengths() is None
-    assert data.TrainSettings.from_config(recipe(auto_augment="")).jitter_strengths() == (0.4, 0.4, 0.4, 0.0)
-    assert data.TrainSettings.from_config(recipe(auto_augment=None, color_jitter=0)).jitter_strengths() is None
+    assert augment.AugmentSettings.from_config(recipe()).jitter_strengths() is None
+    assert augment.AugmentSettings.from_config(recipe(auto_augment="")).jitter_strengths() == (0.4, 0.4, 0.4, 0.0)
+    assert augment.AugmentSettings.from_config(recipe(auto_augment=None, color_jitter=0)).jitter_strengths() is None
 
 
 def test_bad_settings_are_named():
@@ -323,6 +319,15 @@ def test_bad_settings_are_named():
         data.train_batches([("x", 0)] * 8, 1, recipe(auto_augment="randaug-m-mstd0.5"), epoch=0)
     with pytest.raises(DataError, match="do not fill one batch"):
         data.train_batches([("x", 0)] * 3, 1, recipe(), epoch=0)
+
+
+def test_settings_take_every_value_from_the_config_and_name_a_missing_key():
+    settings = data.TrainSettings.from_config(Config(DEFAULTS))
+    assert (settings.seed, settings.num_parallel_workers, settings.augment.ratio) == (42, 2, (0.75, 1.333))
+    without_crop_pct = Config(DEFAULTS)
+    del without_crop_pct["crop_pct"]
+    with pytest.raises(DataError, match="the config has no crop_pct"):
+        data.eval_batches([("x", 0)], without_crop_pct)
 
 
 def test_random_resized_crop_falls_back_to_a_centre_crop_clamped_to_the_ratio():
@@ -381,7 +386,7 @@ def test_load_rgb_names_the_file_that_does_not_decode(odd_files):
 
 def test_tiny_and_extreme_images_go_through_train_and_eval_transforms(odd_files):
     _, decodable, _ = odd_files
-    settings = data.TrainSettings.from_config(recipe())
+    settings = augment.AugmentSettings.from_config(recipe())
     for name in ("one_pixel.png", "thin.png", "flat.png"):
         image = data.load_rgb(decodable[name])
         for seed in range(5):
@@ -457,12 +462,12 @@ def test_workers_stop_when_the_consumer_stops_early_or_raises(tmp_path):
 
 
 WORKER_ORPHAN_SCRIPT = """
-import importlib.util, os, sys, time
-spec = importlib.util.spec_from_file_location("data_module", sys.argv[1])
-data = importlib.util.module_from_spec(spec); spec.loader.exec_module(data)
-from types import SimpleNamespace
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from replknet_fn import data
+from replknet_fn.config import DEFAULTS, Config
 samples = [(sys.argv[2], 0)] * 64
-config = SimpleNamespace(batch_size=2, image_resize=64, num_parallel_workers=2)
+config = Config(DEFAULTS, batch_size=2, image_resize=64, num_parallel_workers=2)
 batches = data.train_batches(samples, 2, config, epoch=0)
 next(batches)
 import multiprocessing
@@ -473,7 +478,8 @@ time.sleep(60)
 
 def test_workers_exit_by_themselves_when_the_training_process_is_killed(tmp_path):
     image = write_image(tmp_path / "x.png", size=(80, 80))
-    process = subprocess.Popen([sys.executable, "-c", WORKER_ORPHAN_SCRIPT, data.__file__, image],
+    package_root = os.path.dirname(os.path.dirname(data.__file__))
+    process = subprocess.Popen([sys.executable, "-c", WORKER_ORPHAN_SCRIPT, package_root, image],
                                stdout=subprocess.PIPE, text=True)
     worker_pids = [int(pid) for pid in process.stdout.readline().split()]
     assert len(worker_pids) == 2
