@@ -264,6 +264,7 @@ class _TrainEpoch:
 
     def __post_init__(self):
         self.rand_augment = self.settings.augment.rand_augment()
+        self.positions = train_positions(len(self.samples), self.settings.batch_size, self.rank, self.world_size)
 
     def array_specs(self):
         size, batch_size = self.settings.augment.image_resize, self.settings.batch_size
@@ -275,7 +276,7 @@ class _TrainEpoch:
         labels = np.empty(settings.batch_size, np.int64)
         failures = []
         for row in range(settings.batch_size):
-            position = (batch_index * settings.batch_size + row) * self.world_size + self.rank  # train_positions
+            position = int(self.positions[batch_index * settings.batch_size + row])
             image, labels[row] = self._load_at(position, failures)
             rng = _generator(settings.seed, self.epoch, _SAMPLE, position)
             images[row] = train_transform(image, rng, settings.augment, self.rand_augment)
