@@ -1,7 +1,9 @@
-"""The augmentations of the RepLKNet ImageNet recipe (timm's), as pure functions of a PIL image or numpy batch
+"""The augmentations of the RepLKNet ImageNet recipe (timm's), as pure functions of a PIL image or a numpy batch
 and a numpy Generator: RandomResizedCrop, flip, colour jitter, RandAugment, normalization, random erasing, the
-evaluation resize and centre crop, and per-batch mixup/cutmix with label smoothing. Nothing here reads files or
-picks seeds: data.py decides which generator each sample and batch gets.
+evaluation resize and centre crop, per-batch mixup/cutmix with label smoothing. `train_transform` and `mix_batch`
+apply them as the recipe does, from `AugmentSettings` (the recipe's config keys). Nothing here reads files or
+picks seeds: data.py decides which generator each sample and batch gets. `DataError` (bad settings, bad files)
+is defined here, where the data modules start, and data.py re-exports it.
 """
 import math
 import re

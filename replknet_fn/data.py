@@ -1,4 +1,6 @@
-"""Image folders to numpy batches: listing, decoding, timm's ImageNet augmentation, sharding, parallel loading.
+"""Image folders to numpy batches: listing, decoding, the epoch plan (order, shards, batch counts), the settings
+read from the config, and the generators. The per-image and per-batch augmentations are in augment.py; the
+worker processes that build batches ahead of the training step are in workers.py.
 
     train, val, class_names = find_splits(data_dir)
     for images, targets in train_batches(train, len(class_names), config, epoch, rank, world_size):
@@ -209,8 +211,11 @@ class TrainSettings:
     def from_config(cls, config):
         settings = cls(**config_values(config, ["batch_size", "seed", "num_parallel_workers"]),
                        augment=AugmentSettings.from_config(config))
-        problems = [f"{name}={getattr(settings, name)} must be >= {low}"
-                    for name, low in (("batch_size", 1), ("seed", 0)) if getattr(settings, name) < low]
+        problems = []
+        if settings.batch_size < 1:
+            problems.append(f"batch_size={settings.batch_size} must be >= 1")
+        if settings.seed < 0:
+            problems.append(f"seed={settings.seed} must be >= 0")
         if problems:
             raise DataError("bad data settings: " + "; ".join(problems))
         return settings
@@ -248,8 +253,8 @@ class DataStats:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Batch builders: picklable descriptions of one epoch whose build(batch_index) is a pure function returning
-# (arrays shaped as array_specs(), failures)
+# Batch builders, the jobs of workers.map_in_workers: picklable descriptions of one epoch whose build(batch_index)
+# is a pure function returning (arrays shaped as array_specs(), failures)
 
 @dataclass
 class _TrainEpoch:
