@@ -16,6 +16,8 @@ import yaml
 
 log = logging.getLogger(__name__)
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"  # the entry scripts' default
+# Resize filters by name: the `interpolation` key's choices, and what augment.py maps to Pillow's filters.
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 
 class ConfigError(ValueError):
@@ -69,7 +71,7 @@ def _options():
         "image_resize": o(224, "training crop and evaluation crop size", low=8, used_by=BOTH),
         "scale": o((0.08, 1.0), "RandomResizedCrop area range", element=float, graph=False),
         "ratio": o((0.75, 1.333), "RandomResizedCrop aspect-ratio range", element=float, graph=False),
-        "interpolation": o("bicubic", "resize interpolation", choices=["bicubic", "bilinear", "nearest"], used_by=BOTH, graph=False),
+        "interpolation": o("bicubic", "resize interpolation", choices=list(INTERPOLATIONS), used_by=BOTH, graph=False),
         "hflip": o(0.5, "horizontal flip probability", low=0.0, high=1.0, graph=False),
         "auto_augment": o("randaug-m9-mstd0.5", "timm-style RandAugment spec, or '' for none", graph=False),
         "color_jitter": o(0.4, "brightness/contrast/saturation jitter (skipped when auto_augment is set, "
@@ -96,7 +98,7 @@ def _options():
         "scan_data": o(False, "decode every image before training and report the ones that fail", graph=False),
         # --- model ---------------------------------------------------------------------------------------
         "model": o("replknet31_base", "model name (see replknet_fn.MODELS)", used_by=BOTH),
-        "num_classes": o(1000, "classes (checked against the data set)", low=1, used_by=BOTH),
+        "num_classes": o(1000, "classes (checked against the data set)", low=1),
         "drop_path_rate": o(0.3, "stochastic depth rate of the last block", low=0.0, high=1.0),
         "large_kernel_impl": o("auto", "depthwise conv implementation: auto, native or direct (replknet_fn.dwconv)",
                                choices=["auto", "native", "direct"], used_by=BOTH),

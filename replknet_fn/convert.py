@@ -37,16 +37,21 @@ def net_parameters(net):
 
 def unwrap_state_dict(state_dict, prefer="model"):
     """Accept flat state dicts and ones wrapped by training scripts (`model`, `model_ema`, `state_dict`) or by
-    DataParallel/DDP (`module.` prefixes); drop `num_batches_tracked`; rename the 22K classifier `head.cls_22k`."""
+    DataParallel/DDP (`module.` prefixes); take only the backbone of the official segmentation and detection
+    checkpoints (`backbone.` keys; their heads are dropped); drop `num_batches_tracked`; rename the 22K
+    classifier `head.cls_22k`."""
     order = (prefer,) + tuple(k for k in WRAPPER_KEYS if k != prefer)
     for key in order:
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
             break
+    state_dict = {key[len("module."):] if key.startswith("module.") else key: value
+                  for key, value in state_dict.items()}
+    if any(key.startswith("backbone.") for key in state_dict):
+        state_dict = {key[len("backbone."):]: value for key, value in state_dict.items()
+                      if key.startswith("backbone.")}
     flat = OrderedDict()
     for key, value in state_dict.items():
-        if key.startswith("module."):
-            key = key[len("module."):]
         if key.endswith("num_batches_tracked"):
             continue
         key = key.replace("head.cls_22k.", "head.")
@@ -58,7 +63,7 @@ def is_deploy_form(state_dict):
     return any(".lkb_reparam." in key for key in state_dict)
 
 
-def check_and_map(net, state_dict, allow_head_mismatch=False):
+def check_and_map(net, state_dict, allow_head_mismatch=False, optional=()):
     """Match an (unwrapped) official state dict against `net`; return {our name: array}.
 
     Raises `ConversionError` naming the first missing/unexpected key or mismatched shape. With
@@ -75,11 +80,13 @@ def check_and_map(net, state_dict, allow_head_mismatch=False):
     if unexpected:
         raise ConversionError(f"unexpected key {unexpected[0]!r} in the state dict ({len(unexpected)} in all); "
                               "is it a checkpoint of another model?")
-    missing = [key for key in ours_by_official if key not in state_dict]
+    missing = [key for key in ours_by_official if key not in state_dict and not key.startswith(tuple(optional))]
     if missing:
         raise ConversionError(f"missing key {missing[0]!r} in the state dict ({len(missing)} in all)")
     mapped = OrderedDict()
     for key, our_name in ours_by_official.items():
+        if key not in state_dict:
+            continue  # optional, left as initialized
         value = state_dict[key]
         expected = tuple(params[our_name].shape)
         if tuple(value.shape) != expected:
@@ -91,10 +98,11 @@ def check_and_map(net, state_dict, allow_head_mismatch=False):
     return mapped
 
 
-def load_official_state_dict(net, state_dict, allow_head_mismatch=False, prefer="model"):
-    """Load an official PyTorch state dict (mapping key -> array) into `net`; return the loaded names."""
+def load_official_state_dict(net, state_dict, allow_head_mismatch=False, prefer="model", optional=()):
+    """Load an official PyTorch state dict (mapping key -> array) into `net`; return the loaded names. Keys
+    starting with one of `optional` may be missing (those parameters keep their initialization)."""
     from replknet_fn.parameters import write_parameter
-    mapped = check_and_map(net, unwrap_state_dict(state_dict, prefer), allow_head_mismatch)
+    mapped = check_and_map(net, unwrap_state_dict(state_dict, prefer), allow_head_mismatch, optional)
     params = net_parameters(net)
     for name, value in mapped.items():
         write_parameter(params[name], value)

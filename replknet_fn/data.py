@@ -1,4 +1,6 @@
-"""Image folders to numpy batches: listing, decoding, timm's ImageNet augmentation, sharding, parallel loading.
+"""Image folders to numpy batches: listing, decoding, the epoch plan (order, shards, batch counts), the settings
+read from the config, and the generators. The per-image and per-batch augmentations are in augment.py; the
+worker processes that build batches ahead of the training step are in workers.py.
 
     train, val, class_names = find_splits(data_dir)
     for images, targets in train_batches(train, len(class_names), config, epoch, rank, world_size):
@@ -27,30 +29,19 @@ RandAugment has no magnitude noise; and skipping bad samples there can make shar
 """
 import logging
 import math
-import mmap
-import multiprocessing
 import os
-import pickle
-import queue
-import re
-import signal
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
+
+from replknet_fn.augment import (AugmentSettings, DataError, config_values, eval_transform, mix_batch,
+                                 resample_filter, train_transform)
+from replknet_fn.workers import map_in_workers
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-                  "lanczos": Image.LANCZOS}
-
-
-class DataError(ValueError):
-    """A dataset, file or data setting that cannot be used; the message names it."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,7 +143,7 @@ def scan_images(samples, num_workers=0):
     paths = [sample[0] if isinstance(sample, (tuple, list)) else sample for sample in samples]
     job = _ScanJob(paths, chunk_size=64)
     failures = []
-    for _, chunk_failures in _map_in_workers(job, range(job.num_chunks), num_workers):
+    for _, chunk_failures in map_in_workers(job, range(job.num_chunks), num_workers):
         failures += chunk_failures
     return failures
 
@@ -177,426 +168,6 @@ class _ScanJob:
             except DataError as error:
                 failures.append((path, str(error)))
         return (), failures
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Per-image transforms (PIL in, PIL or CHW float32 out; randomness only from the `rng` argument)
-
-def random_resized_crop(image, rng, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=Image.BICUBIC):
-    """torchvision's RandomResizedCrop: 10 tries at an area fraction in `scale` and a log-uniform aspect ratio
-    in `ratio`, else a centre crop clamped to `ratio`; then crop and resize to size x size."""
-    width, height = image.size
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect_ratio = math.exp(rng.uniform(*log_ratio))
-        crop_width = int(round(math.sqrt(target_area * aspect_ratio)))
-        crop_height = int(round(math.sqrt(target_area / aspect_ratio)))
-        if 0 < crop_width <= width and 0 < crop_height <= height:
-            top = int(rng.integers(0, height - crop_height + 1))
-            left = int(rng.integers(0, width - crop_width + 1))
-            break
-    else:
-        in_ratio = width / height
-        if in_ratio < min(ratio):
-            crop_width, crop_height = width, int(round(width / min(ratio)))
-        elif in_ratio > max(ratio):
-            crop_width, crop_height = int(round(height * max(ratio))), height
-        else:
-            crop_width, crop_height = width, height
-        top, left = (height - crop_height) // 2, (width - crop_width) // 2
-    crop = image.crop((left, top, left + crop_width, top + crop_height))
-    return crop.resize((size, size), interpolation)
-
-
-def color_jitter(image, rng, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0):
-    """torchvision's ColorJitter on a PIL image: each enabled adjustment once, in a random order, with a factor
-    uniform in [max(0, 1 - s), 1 + s] (hue: a shift uniform in [-hue, hue] of a full turn)."""
-    order = rng.permutation(4)
-    factors = [rng.uniform(max(0.0, 1 - s), 1 + s) if s else None for s in (brightness, contrast, saturation)]
-    factors.append(rng.uniform(-hue, hue) if hue else None)
-    for op in order:
-        factor = factors[op]
-        if factor is None:
-            continue
-        if op == 0:
-            image = ImageEnhance.Brightness(image).enhance(factor)
-        elif op == 1:
-            image = ImageEnhance.Contrast(image).enhance(factor)
-        elif op == 2:
-            image = ImageEnhance.Color(image).enhance(factor)
-        else:
-            hue_channel, saturation_channel, value_channel = image.convert("HSV").split()
-            shifted = (np.asarray(hue_channel, dtype=np.int16) + int(round(factor * 255))) % 256
-            hue_channel = Image.fromarray(shifted.astype(np.uint8), "L")
-            image = Image.merge("HSV", (hue_channel, saturation_channel, value_channel)).convert("RGB")
-    return image
-
-
-def normalize(image):
-    """RGB PIL image -> float32 CHW array, (x / 255 - mean) / std with ImageNet's mean and std."""
-    pixels = np.asarray(image, dtype=np.float32)
-    scale = np.float32(1 / 255) / np.asarray(IMAGENET_STD, np.float32)
-    shift = np.asarray(IMAGENET_MEAN, np.float32) / np.asarray(IMAGENET_STD, np.float32)
-    return np.ascontiguousarray((pixels * scale - shift).transpose(2, 0, 1))
-
-
-def random_erasing(chw, rng, probability, min_area=0.02, max_area=1 / 3, min_aspect=0.3):
-    """timm's RandomErasing, mode 'pixel', one box: with `probability`, up to 10 tries to place a box of area
-    fraction uniform in [min_area, max_area] and log-uniform aspect in [min_aspect, 1/min_aspect]; the box
-    is filled with per-pixel standard normal noise in the normalized space. Edits `chw` in place."""
-    if rng.random() >= probability:
-        return chw
-    channels, height, width = chw.shape
-    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
-    for _ in range(10):
-        target_area = rng.uniform(min_area, max_area) * height * width
-        aspect_ratio = math.exp(rng.uniform(*log_aspect))
-        box_height = int(round(math.sqrt(target_area * aspect_ratio)))
-        box_width = int(round(math.sqrt(target_area / aspect_ratio)))
-        if box_width < width and box_height < height:
-            top = int(rng.integers(0, height - box_height + 1))
-            left = int(rng.integers(0, width - box_width + 1))
-            noise = rng.standard_normal((channels, box_height, box_width), dtype=np.float32)
-            chw[:, top:top + box_height, left:left + box_width] = noise
-            break
-    return chw
-
-
-def eval_transform(image, image_resize=224, crop_pct=0.875, interpolation="bicubic"):
-    """timm's eval transform: resize the shorter side to floor(image_resize / crop_pct), centre crop
-    image_resize x image_resize, normalize. PIL RGB image -> float32 CHW array."""
-    resample = _interpolation(interpolation)
-    scale_size = int(math.floor(image_resize / crop_pct))
-    width, height = image.size
-    if width <= height:
-        new_size = (scale_size, int(scale_size * height / width))
-    else:
-        new_size = (int(scale_size * width / height), scale_size)
-    if new_size != image.size:
-        image = image.resize(new_size, resample)
-    width, height = image.size
-    top = int(round((height - image_resize) / 2.0))
-    left = int(round((width - image_resize) / 2.0))
-    return normalize(image.crop((left, top, left + image_resize, top + image_resize)))
-
-
-def _interpolation(name):
-    if name not in INTERPOLATIONS:
-        raise DataError(f"interpolation {name!r} is not one of {sorted(INTERPOLATIONS)}")
-    return INTERPOLATIONS[name]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# RandAugment, as timm's rand_augment_transform (timm/data/auto_augment.py), on PIL images
-
-# Magnitudes are out of 10 (timm's _LEVEL_DENOM); each op's argument range at magnitude 10 is in _op_argument.
-RAND_AUGMENT_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
-                    "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel",
-                    "TranslateYRel")
-# '-inc1': the variants whose strength grows with the magnitude
-RAND_AUGMENT_INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
-                               "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
-                               "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
-                               "TranslateXRel", "TranslateYRel")
-# '-w0': timm's experimental op choice weights
-RAND_AUGMENT_WEIGHTS = {"Rotate": 0.3, "ShearX": 0.2, "ShearY": 0.2, "TranslateXRel": 0.1, "TranslateYRel": 0.1,
-                        "Color": .025, "Sharpness": 0.025, "AutoContrast": 0.025, "Solarize": .005,
-                        "SolarizeAdd": .005, "Contrast": .005, "Brightness": .005, "Equalize": .005,
-                        "Posterize": 0, "Invert": 0}
-# timm fills uncovered pixels of geometric ops with the ImageNet mean colour
-IMAGENET_MEAN_RGB = tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)
-
-
-@dataclass(frozen=True)
-class RandAugment:
-    """`num_layers` ops drawn uniformly with replacement (without, when weighted), each applied with
-    probability `op_prob` at a magnitude drawn from N(magnitude, magnitude_std) clipped to
-    [0, magnitude_max] (uniform in [0, magnitude] when magnitude_std is inf)."""
-    magnitude: float = 10.0
-    num_layers: int = 2
-    magnitude_std: float = 0.0
-    magnitude_max: float = 10.0
-    ops: tuple = RAND_AUGMENT_OPS
-    op_weights: tuple = None
-    op_prob: float = 0.5
-    fill: tuple = IMAGENET_MEAN_RGB
-    interpolation: int = Image.BICUBIC
-
-    def sample_magnitude(self, rng):
-        magnitude = self.magnitude
-        if self.magnitude_std == float("inf"):
-            magnitude = rng.uniform(0, magnitude)
-        elif self.magnitude_std > 0:
-            magnitude = rng.normal(magnitude, self.magnitude_std)
-        return min(max(0.0, magnitude), self.magnitude_max)
-
-    def __call__(self, image, rng):
-        if self.op_weights is None:
-            chosen = rng.integers(0, len(self.ops), size=self.num_layers)
-        else:
-            chosen = rng.choice(len(self.ops), size=self.num_layers, replace=False, p=self.op_weights)
-        for index in chosen:
-            if self.op_prob < 1.0 and rng.random() > self.op_prob:
-                continue
-            name = self.ops[index]
-            image = apply_augment_op(image, name, _op_argument(name, self.sample_magnitude(rng), rng),
-                                     self.fill, self.interpolation)
-        return image
-
-
-def parse_rand_augment(config_str, interpolation="bicubic", fill=IMAGENET_MEAN_RGB):
-    """RandAugment from timm's string 'rand-m9-mstd0.5' (mindcv spells it 'randaug-...'). Sections: m
-    magnitude (default 10), n layers (2), mstd magnitude noise std (0; > 100 means uniform), mmax magnitude
-    upper bound (10), inc1 increasing-strength ops, w0 timm's op weights, p op probability (0.5)."""
-    name, *sections = config_str.split("-")
-    if name not in ("rand", "randaug"):
-        raise DataError(f"auto_augment {config_str!r}: only RandAugment strings ('randaug-m9-mstd0.5' or timm's "
-                        f"'rand-m9-mstd0.5') are supported")
-    options = {"ops": RAND_AUGMENT_OPS, "interpolation": _interpolation(interpolation), "fill": tuple(fill)}
-    weighted = False
-    for section in sections:
-        match = re.fullmatch(r"(m|n|mstd|mmax|inc|w|p)([0-9]+\.?[0-9]*)", section)
-        if match is None:
-            raise DataError(f"auto_augment {config_str!r}: unknown section {section!r}; valid: m<magnitude>, "
-                            f"n<layers>, mstd<std>, mmax<max>, inc<0|1>, w<0>, p<prob>")
-        key, value = match.group(1), float(match.group(2))
-        if key == "m":
-            options["magnitude"] = value
-        elif key == "n":
-            options["num_layers"] = int(value)
-        elif key == "mstd":
-            options["magnitude_std"] = float("inf") if value > 100 else value
-        elif key == "mmax":
-            options["magnitude_max"] = value
-        elif key == "inc" and value:
-            options["ops"] = RAND_AUGMENT_INCREASING_OPS
-        elif key == "w":
-            weighted = True
-        elif key == "p":
-            options["op_prob"] = value
-    if weighted:  # timm: the weights are defined for the plain op list only
-        weights = np.asarray([RAND_AUGMENT_WEIGHTS[op] for op in RAND_AUGMENT_OPS])
-        options["ops"] = RAND_AUGMENT_OPS
-        options["op_weights"] = tuple(weights / weights.sum())
-    return RandAugment(**options)
-
-
-def _op_argument(name, magnitude, rng):
-    """timm's level-to-argument mapping of one op at `magnitude` (out of 10); signed ops are negated with
-    probability 0.5."""
-    level = magnitude / 10.0
-
-    def signed(value):
-        return -value if rng.random() > 0.5 else value
-
-    if name in ("AutoContrast", "Equalize", "Invert"):
-        return None
-    if name == "Rotate":
-        return signed(level * 30.0)  # degrees
-    if name in ("ShearX", "ShearY"):
-        return signed(level * 0.3)
-    if name in ("TranslateXRel", "TranslateYRel"):
-        return signed(level * 0.45)  # fraction of the image size
-    if name == "Posterize":
-        return int(level * 4)  # bits kept: stronger at low magnitude, as TF's EfficientNet RandAugment
-    if name == "PosterizeIncreasing":
-        return 4 - int(level * 4)
-    if name == "Solarize":
-        return int(level * 256)  # threshold
-    if name == "SolarizeIncreasing":
-        return 256 - int(level * 256)
-    if name == "SolarizeAdd":
-        return int(level * 110)
-    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
-        return level * 1.8 + 0.1  # enhancement factor in [0.1, 1.9]
-    if name in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"):
-        return max(0.1, 1.0 + signed(level * 0.9))
-    raise DataError(f"unknown RandAugment op {name!r}")
-
-
-def apply_augment_op(image, name, argument, fill=IMAGENET_MEAN_RGB, interpolation=Image.BICUBIC):
-    """One RandAugment op on an RGB PIL image."""
-    geometry = {"resample": interpolation, "fillcolor": fill}
-    width, height = image.size
-    if name == "AutoContrast":
-        return ImageOps.autocontrast(image)
-    if name == "Equalize":
-        return ImageOps.equalize(image)
-    if name == "Invert":
-        return ImageOps.invert(image)
-    if name == "Rotate":
-        return image.rotate(argument, **geometry)
-    if name.startswith("Posterize"):  # keep `argument` high bits; 0 bits is black (Pillow >= 10 refuses 0)
-        keep = 0xFF & ~(2 ** (8 - argument) - 1) if argument < 8 else 0xFF
-        return image.point([value & keep for value in range(256)] * len(image.getbands()))
-    if name.startswith("Solarize") and name != "SolarizeAdd":
-        return ImageOps.solarize(image, argument)
-    if name == "SolarizeAdd":
-        lut = [min(255, value + argument) if value < 128 else value for value in range(256)]
-        return image.point(lut * len(image.getbands()))
-    for prefix, enhancer in (("Color", ImageEnhance.Color), ("Contrast", ImageEnhance.Contrast),
-                             ("Brightness", ImageEnhance.Brightness), ("Sharpness", ImageEnhance.Sharpness)):
-        if name.startswith(prefix):
-            return enhancer(image).enhance(argument)
-    affine = {"ShearX": (1, argument, 0, 0, 1, 0), "ShearY": (1, 0, 0, argument, 1, 0),
-              "TranslateXRel": (1, 0, argument * width, 0, 1, 0),
-              "TranslateYRel": (1, 0, 0, 0, 1, argument * height)}
-    if name in affine:
-        return image.transform(image.size, Image.AFFINE, affine[name], **geometry)
-    raise DataError(f"unknown RandAugment op {name!r}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Train settings: the recipe's keys, read once from the config
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """The config attributes the training data uses. Defaults are the RepLKNet ImageNet recipe (official
-    repo's timm arguments: rand-m9-mstd0.5, reprob 0.25, mixup 0.8, cutmix 1.0, smoothing 0.1)."""
-    batch_size: int = 64             # per rank
-    image_resize: int = 224          # output crop size
-    scale: tuple = (0.08, 1.0)       # RandomResizedCrop area fraction range
-    ratio: tuple = (3 / 4, 4 / 3)    # RandomResizedCrop aspect ratio range
-    interpolation: str = "bicubic"   # crop resize and RandAugment geometry
-    hflip: float = 0.5               # horizontal flip probability
-    auto_augment: str = "randaug-m9-mstd0.5"  # RandAugment string, or None/'' for none
-    color_jitter: float = 0.4        # brightness=contrast=saturation strength; ignored with auto_augment (timm)
-    re_prob: float = 0.25            # random erasing probability (timm 'pixel' mode)
-    mixup: float = 0.8               # mixup Beta(alpha, alpha); 0 disables
-    cutmix: float = 1.0              # cutmix Beta(alpha, alpha); 0 disables
-    cutmix_prob: float = 1.0         # probability that a batch is mixed at all (timm's mixup_prob; mindcv's name)
-    mixup_switch_prob: float = 0.5   # with both alphas > 0: probability a mixed batch uses cutmix, else mixup
-    label_smoothing: float = 0.1     # folded into the soft targets
-    seed: int = 0
-    num_parallel_workers: int = 0    # processes building batches; 0 or 1 builds them in this process
-
-    @classmethod
-    def from_config(cls, config):
-        values = {name: getattr(config, name) for name in cls.__dataclass_fields__ if hasattr(config, name)}
-        for name in ("scale", "ratio"):
-            if name in values:
-                values[name] = tuple(float(value) for value in values[name])
-        if isinstance(values.get("color_jitter"), list):
-            values["color_jitter"] = tuple(values["color_jitter"])
-        settings = cls(**values)
-        settings.check()
-        return settings
-
-    def check(self):
-        problems = []
-        for name in ("hflip", "re_prob", "cutmix_prob", "mixup_switch_prob", "label_smoothing"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                problems.append(f"{name}={getattr(self, name)} is not in [0, 1]")
-        for name in ("mixup", "cutmix"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name}={getattr(self, name)} must be >= 0 (0 disables)")
-        if self.batch_size < 1 or self.image_resize < 1:
-            problems.append(f"batch_size={self.batch_size} and image_resize={self.image_resize} must be >= 1")
-        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
-            problems.append(f"scale={self.scale} must be (min, max) with 0 < min <= max")
-        if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
-            problems.append(f"ratio={self.ratio} must be (min, max) with 0 < min <= max")
-        if self.interpolation not in INTERPOLATIONS:
-            problems.append(f"interpolation={self.interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
-        if self.seed < 0:
-            problems.append(f"seed={self.seed} must be >= 0")
-        if problems:
-            raise DataError("bad data settings: " + "; ".join(problems))
-        self.rand_augment()  # raises for a bad auto_augment string
-
-    def uses_rand_augment(self):
-        return bool(self.auto_augment) and str(self.auto_augment).lower() != "none"
-
-    def rand_augment(self):
-        return parse_rand_augment(self.auto_augment, self.interpolation) if self.uses_rand_augment() else None
-
-    def jitter_strengths(self):
-        """(brightness, contrast, saturation, hue) for color_jitter, or None. timm applies colour jitter only
-        without auto_augment (transforms_imagenet_train: `elif color_jitter is not None`), and so do we."""
-        if self.uses_rand_augment() or not self.color_jitter:
-            return None
-        if isinstance(self.color_jitter, (tuple, list)):
-            return tuple(self.color_jitter) + (0.0,) * (4 - len(self.color_jitter))
-        return (float(self.color_jitter),) * 3 + (0.0,)
-
-
-def train_transform(image, rng, settings, rand_augment=None):
-    """One training image: random resized crop, flip, RandAugment (or colour jitter), normalize, random erasing.
-    The order is timm's transforms_imagenet_train. PIL RGB image -> float32 CHW array."""
-    image = random_resized_crop(image, rng, settings.image_resize, settings.scale, settings.ratio,
-                                _interpolation(settings.interpolation))
-    if settings.hflip > 0 and rng.random() < settings.hflip:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    if rand_augment is not None:
-        image = rand_augment(image, rng)
-    else:
-        jitter = settings.jitter_strengths()
-        if jitter is not None:
-            image = color_jitter(image, rng, *jitter)
-    chw = normalize(image)
-    if settings.re_prob > 0:
-        chw = random_erasing(chw, rng, settings.re_prob)
-    return chw
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Mixup and cutmix per batch, as timm's Mixup (mode 'batch', correct_lam=True): sample i is mixed with sample
-# N-1-i (the batch flipped), and the targets are mixed with the same lambda.
-
-def sample_mix(rng, mixup=0.8, cutmix=1.0, mix_prob=1.0, switch_prob=0.5):
-    """(lam, use_cutmix) for one batch; lam == 1 means no mixing."""
-    if (mixup <= 0 and cutmix <= 0) or rng.random() >= mix_prob:
-        return 1.0, False
-    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < switch_prob)
-    alpha = cutmix if use_cutmix else mixup
-    return float(rng.beta(alpha, alpha)), use_cutmix
-
-
-def cutmix_box(rng, height, width, lam):
-    """((top, bottom, left, right), corrected lam): a box of side fractions sqrt(1 - lam) centred uniformly,
-    clipped to the image; the returned lam is the uncovered fraction (timm's correct_lam)."""
-    cut_ratio = math.sqrt(1.0 - lam)
-    cut_height, cut_width = int(height * cut_ratio), int(width * cut_ratio)
-    center_y, center_x = int(rng.integers(0, height)), int(rng.integers(0, width))
-    top, bottom = np.clip([center_y - cut_height // 2, center_y + cut_height // 2], 0, height)
-    left, right = np.clip([center_x - cut_width // 2, center_x + cut_width // 2], 0, width)
-    lam = 1.0 - (bottom - top) * (right - left) / float(height * width)
-    return (int(top), int(bottom), int(left), int(right)), lam
-
-
-def mix_images(images, lam, box=None):
-    """Mixup (box None): lam * x + (1 - lam) * flip(x); cutmix: the box is copied from flip(x)."""
-    flipped = images[::-1]
-    if box is None:
-        return (lam * images + (1.0 - lam) * flipped).astype(np.float32)
-    top, bottom, left, right = box
-    mixed = images.copy()
-    mixed[:, :, top:bottom, left:right] = flipped[:, :, top:bottom, left:right]
-    return mixed
-
-
-def soft_targets(labels, num_classes, lam=1.0, smoothing=0.0):
-    """lam * smooth(onehot(y)) + (1 - lam) * smooth(onehot(flip(y))), smoothing as timm's mixup_target:
-    off = smoothing / num_classes, on = 1 - smoothing + off. Each row sums to 1."""
-    off_value = smoothing / num_classes
-    on_value = 1.0 - smoothing + off_value
-    one_hot = np.full((len(labels), num_classes), off_value, np.float64)
-    one_hot[np.arange(len(labels)), labels] = on_value
-    return (lam * one_hot + (1.0 - lam) * one_hot[::-1]).astype(np.float32)
-
-
-def mix_batch(images, labels, num_classes, rng, settings):
-    """(images, soft targets) of one batch after timm's per-batch mixup/cutmix and label smoothing."""
-    lam, use_cutmix = sample_mix(rng, settings.mixup, settings.cutmix, settings.cutmix_prob,
-                                 settings.mixup_switch_prob)
-    if lam < 1.0:
-        box = None
-        if use_cutmix:
-            box, lam = cutmix_box(rng, images.shape[2], images.shape[3], lam)
-        images = mix_images(images, lam, box)
-    return images, soft_targets(labels, num_classes, lam, settings.label_smoothing)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -631,6 +202,48 @@ def train_positions(num_samples, batch_size, rank=0, world_size=1):
     return np.arange(count, dtype=np.int64) * world_size + rank
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Settings: what the batches read from the config, every key of it (the defaults are in config.OPTIONS only)
+
+@dataclass(frozen=True)
+class TrainSettings:
+    batch_size: int             # per rank
+    seed: int
+    num_parallel_workers: int   # processes building batches; 0 or 1 builds them in this process
+    augment: AugmentSettings    # image_resize and the recipe's augmentations
+
+    @classmethod
+    def from_config(cls, config):
+        settings = cls(**config_values(config, ["batch_size", "seed", "num_parallel_workers"]),
+                       augment=AugmentSettings.from_config(config))
+        problems = []
+        if settings.batch_size < 1:
+            problems.append(f"batch_size={settings.batch_size} must be >= 1")
+        if settings.seed < 0:
+            problems.append(f"seed={settings.seed} must be >= 0")
+        if problems:
+            raise DataError("bad data settings: " + "; ".join(problems))
+        return settings
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    batch_size: int             # per rank
+    image_resize: int           # centre crop size
+    crop_pct: float             # the shorter side is resized to image_resize / crop_pct first
+    interpolation: str
+    mean: tuple                 # normalization, RGB in [0, 1] units
+    std: tuple
+    eval_resize: str            # crop, warp, or auto (warp at image_resize >= 384): see warps_at_eval
+    num_parallel_workers: int
+
+    @classmethod
+    def from_config(cls, config):
+        settings = cls(**config_values(config, [field.name for field in fields(cls)]))
+        resample_filter(settings.interpolation)  # an unknown name fails now, not in the first batch
+        return settings
+
+
 @dataclass
 class DataStats:
     """Files that did not decode. Pass one object for the whole run: `skipped` counts training samples that
@@ -648,8 +261,8 @@ class DataStats:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Batch builders: picklable descriptions of one epoch whose build(batch_index) is a pure function returning
-# (arrays shaped as array_specs(), failures)
+# Batch builders, the jobs of workers.map_in_workers: picklable descriptions of one epoch whose build(batch_index)
+# is a pure function returning (arrays shaped as array_specs(), failures)
 
 @dataclass
 class _TrainEpoch:
@@ -663,24 +276,25 @@ class _TrainEpoch:
     known_bad: dict = field(default_factory=dict)  # per process cache, only saves re-decoding
 
     def __post_init__(self):
-        self.rand_augment = self.settings.rand_augment()
+        self.rand_augment = self.settings.augment.rand_augment()
+        self.positions = train_positions(len(self.samples), self.settings.batch_size, self.rank, self.world_size)
 
     def array_specs(self):
-        size, batch_size = self.settings.image_resize, self.settings.batch_size
+        size, batch_size = self.settings.augment.image_resize, self.settings.batch_size
         return [((batch_size, 3, size, size), np.float32), ((batch_size, self.num_classes), np.float32)]
 
     def build(self, batch_index):
-        settings, size = self.settings, self.settings.image_resize
+        settings, size = self.settings, self.settings.augment.image_resize
         images = np.empty((settings.batch_size, 3, size, size), np.float32)
         labels = np.empty(settings.batch_size, np.int64)
         failures = []
         for row in range(settings.batch_size):
-            position = (batch_index * settings.batch_size + row) * self.world_size + self.rank  # train_positions
+            position = int(self.positions[batch_index * settings.batch_size + row])
             image, labels[row] = self._load_at(position, failures)
             rng = _generator(settings.seed, self.epoch, _SAMPLE, position)
-            images[row] = train_transform(image, rng, settings, self.rand_augment)
+            images[row] = train_transform(image, rng, settings.augment, self.rand_augment)
         batch_rng = _generator(settings.seed, self.epoch, _BATCH, batch_index * self.world_size + self.rank)
-        return mix_batch(images, labels, self.num_classes, batch_rng, settings), failures
+        return mix_batch(images, labels, self.num_classes, batch_rng, settings.augment), failures
 
     def _load_at(self, position, failures):
         """The sample at `position`, or the first one after it in the epoch's order that decodes. Only the
@@ -700,31 +314,27 @@ class _TrainEpoch:
 @dataclass
 class _EvalShard:
     samples: list
-    batch_size: int
-    image_resize: int
-    crop_pct: float
-    interpolation: str
+    settings: EvalSettings
 
     def array_specs(self):
-        size = self.image_resize
-        return [((self.batch_size, 3, size, size), np.float32), ((self.batch_size,), np.int32),
-                ((self.batch_size,), np.float32)]
+        size, batch_size = self.settings.image_resize, self.settings.batch_size
+        return [((batch_size, 3, size, size), np.float32), ((batch_size,), np.int32), ((batch_size,), np.float32)]
 
     def build(self, batch_index):
-        size = self.image_resize
-        images = np.zeros((self.batch_size, 3, size, size), np.float32)
-        labels = np.zeros(self.batch_size, np.int32)
-        valid = np.zeros(self.batch_size, np.float32)
+        settings, size, batch_size = self.settings, self.settings.image_resize, self.settings.batch_size
+        images = np.zeros((batch_size, 3, size, size), np.float32)
+        labels = np.zeros(batch_size, np.int32)
+        valid = np.zeros(batch_size, np.float32)
         failures = []
-        for row, (path, label) in enumerate(self.samples[batch_index * self.batch_size:
-                                                         (batch_index + 1) * self.batch_size]):
+        for row, (path, label) in enumerate(self.samples[batch_index * batch_size:(batch_index + 1) * batch_size]):
             labels[row] = label
             try:
                 image = load_rgb(path)
             except DataError as error:
                 failures.append((path, str(error), True))
                 continue
-            images[row] = eval_transform(image, size, self.crop_pct, self.interpolation)
+            images[row] = eval_transform(image, size, settings.crop_pct, settings.interpolation, settings.mean,
+                                         settings.std, warps_at_eval(settings))
             valid[row] = 1.0
         return (images, labels, valid), failures
 
@@ -737,8 +347,8 @@ def train_batches(samples, num_classes, config, epoch, rank=0, world_size=1, sta
 
     images: float32 (batch_size, 3, image_resize, image_resize), normalized; targets: float32
     (batch_size, num_classes) soft labels that already contain mixup/cutmix and label smoothing (use a plain
-    soft-target cross-entropy). `config` is any object with the TrainSettings attributes. Bad files are
-    replaced and counted in `stats` (a DataStats) when given."""
+    soft-target cross-entropy). `config` is the run's config (it must hold every key TrainSettings reads).
+    Bad files are replaced and counted in `stats` (a DataStats) when given."""
     settings = TrainSettings.from_config(config)
     stats = stats if stats is not None else DataStats()
     num_batches = num_train_batches(len(samples), settings.batch_size, world_size)
@@ -751,7 +361,7 @@ def train_batches(samples, num_classes, config, epoch, rank=0, world_size=1, sta
         raise DataError(f"rank={rank} is not in [0, world_size={world_size})")
     job = _TrainEpoch(list(samples), epoch_order(len(samples), settings.seed, epoch), num_classes, settings,
                       epoch, rank, world_size)
-    return _recorded(_map_in_workers(job, range(start_batch, num_batches), settings.num_parallel_workers), stats)
+    return _recorded(map_in_workers(job, range(start_batch, num_batches), settings.num_parallel_workers), stats)
 
 
 def eval_batches(samples, config, rank=0, world_size=1, stats=None):
@@ -759,18 +369,14 @@ def eval_batches(samples, config, rank=0, world_size=1, stats=None):
 
     Every rank yields num_eval_batches(...) full-size batches: slots past the end of the shard and images
     that do not decode have valid=0 (zeros image, label 0), so each decodable image counts exactly once
-    across ranks. Uses config.batch_size, image_resize, crop_pct (default 0.875), interpolation,
-    num_parallel_workers."""
+    across ranks. `config` holds at least the keys EvalSettings reads."""
     if not 0 <= rank < world_size:
         raise DataError(f"rank={rank} is not in [0, world_size={world_size})")
-    batch_size = config.batch_size
-    num_batches = num_eval_batches(len(samples), batch_size, world_size)
-    job = _EvalShard(list(samples)[rank::world_size], batch_size, config.image_resize,
-                     getattr(config, "crop_pct", 0.875), getattr(config, "interpolation", "bicubic"))
-    _interpolation(job.interpolation)
-    workers = getattr(config, "num_parallel_workers", 0)
+    settings = EvalSettings.from_config(config)
+    num_batches = num_eval_batches(len(samples), settings.batch_size, world_size)
+    job = _EvalShard(list(samples)[rank::world_size], settings)
     stats = stats if stats is not None else DataStats()
-    return _recorded(_map_in_workers(job, range(num_batches), workers), stats)
+    return _recorded(map_in_workers(job, range(num_batches), settings.num_parallel_workers), stats)
 
 
 def warps_at_eval(settings):
@@ -787,119 +393,3 @@ def _recorded(batches, stats):
             yield arrays
     finally:
         batches.close()  # stops the workers now, also when the consumer stops early or raises
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Worker processes. Batch position p goes to worker p % W, which writes its arrays into a shared-memory slot
-# (sending 40 MB batches through a pipe cost ~40% of the augmentation time) and reports through a queue;
-# results are read back in order.
-
-_PREFETCH_PER_WORKER = 2
-
-
-def _map_in_workers(job, indices, num_workers):
-    """Yield job.build(i) for i in indices, in order. With num_workers > 1, forked worker processes build
-    them ahead (at most 2 per worker in flight); they are killed when the generator ends, is closed or
-    raises, and exit by themselves if this process dies."""
-    indices = list(indices)
-    if not num_workers or num_workers <= 1 or len(indices) <= 1 or not _CAN_FORK:
-        for index in indices:
-            yield job.build(index)
-        return
-    pool = _WorkerPool(job, min(num_workers, len(indices)))
-    try:
-        submitted = 0
-        for position, index in enumerate(indices):
-            # position - 1 is consumed, so the slot that position + in_flight - 1 reuses is free
-            while submitted < len(indices) and submitted < position + pool.in_flight:
-                pool.submit(submitted, indices[submitted])
-                submitted += 1
-            yield pool.result(position, index)
-    finally:
-        pool.close()
-
-
-# Workers are forked: they start at once, share the sample list and the result slots, and run only numpy and
-# Pillow code. Without fork (not Linux), batches are built in this process.
-_CAN_FORK = "fork" in multiprocessing.get_all_start_methods()
-
-
-class _WorkerPool:
-    def __init__(self, job, size):
-        context = multiprocessing.get_context("fork")
-        self.size, self.in_flight = size, size * _PREFETCH_PER_WORKER
-        self.slots = [_shared_arrays(job.array_specs()) for _ in range(self.in_flight)]
-        self.tasks = [context.Queue() for _ in range(size)]
-        self.results = [context.Queue() for _ in range(size)]
-        self.processes = [context.Process(target=_worker_loop, daemon=True, name=f"data-worker-{worker}",
-                                          args=(job, self.slots, self.tasks[worker], self.results[worker],
-                                                os.getpid()))
-                          for worker in range(size)]
-        for process in self.processes:
-            process.start()
-
-    def submit(self, position, index):
-        self.tasks[position % self.size].put((index, position % self.in_flight))
-
-    def result(self, position, index):
-        worker = position % self.size
-        while True:
-            try:
-                done_index, extra, error = self.results[worker].get(timeout=1.0)
-                break
-            except queue.Empty:
-                process = self.processes[worker]
-                if not process.is_alive():
-                    raise RuntimeError(f"data worker {worker} died (exit code {process.exitcode}), for example "
-                                       f"killed for lack of memory; lower num_parallel_workers or batch_size")
-        if error is not None:
-            raise error
-        assert done_index == index, (done_index, index)
-        return tuple(np.array(array) for array in self.slots[position % self.in_flight]), extra
-
-    def close(self):
-        for process in self.processes:
-            if process.is_alive():
-                process.terminate()
-        for process in self.processes:
-            process.join(timeout=5)
-        for task_queue in self.tasks:
-            task_queue.cancel_join_thread()
-            task_queue.close()
-        for result_queue in self.results:
-            result_queue.close()
-
-
-def _shared_arrays(specs):
-    """Arrays of the given (shape, dtype) in one anonymous shared mapping, which forked children share."""
-    sizes = [int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in specs]
-    buffer = mmap.mmap(-1, max(1, sum(sizes)))
-    arrays, offset = [], 0
-    for (shape, dtype), size in zip(specs, sizes):
-        arrays.append(np.frombuffer(buffer, dtype, int(np.prod(shape)), offset).reshape(shape))
-        offset += size
-    return arrays
-
-
-def _worker_loop(job, slots, tasks, results, parent_pid):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which then terminates us
-    results.cancel_join_thread()  # exiting must not wait for a parent that stopped reading
-    while True:
-        try:
-            index, slot = tasks.get(timeout=1.0)
-        except queue.Empty:
-            if os.getppid() != parent_pid:
-                return  # the parent died without closing us
-            continue
-        try:
-            arrays, extra = job.build(index)
-            for target, array in zip(slots[slot], arrays):
-                target[...] = array
-            results.put((index, extra, None))
-        except Exception as error:
-            error.add_note(f"in data worker pid {os.getpid()} building batch {index}:\n{traceback.format_exc()}")
-            try:
-                pickle.dumps(error)
-            except Exception:
-                error = RuntimeError(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
-            results.put((index, None, error))

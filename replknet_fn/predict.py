@@ -29,7 +29,7 @@ import numpy as np
 
 from replknet_fn import data, device
 from replknet_fn.checkpoint import CheckpointError
-from replknet_fn.config import Config, add_flag, add_option, parse_tool_args
+from replknet_fn.config import INTERPOLATIONS, Config, add_flag, add_option, parse_tool_args
 from replknet_fn.runlog import Progress, setup_logging
 from replknet_fn.weights import PREPROCESSING_KEYS, eval_preprocessing, network_from_checkpoint
 
@@ -101,8 +101,8 @@ def load_predictor(ckpt, model=None, reparam=False, labels=None, use_ema=False, 
     if unknown:
         raise TypeError(f"load_predictor: unknown preprocessing argument(s) {sorted(unknown)}")
     settings = PredictSettings(**chosen, num_parallel_workers=num_parallel_workers, jit=jit)
-    if settings.interpolation not in data.INTERPOLATIONS:
-        raise PredictError(f"interpolation {settings.interpolation!r}: choose one of {sorted(data.INTERPOLATIONS)}")
+    if settings.interpolation not in INTERPOLATIONS:
+        raise PredictError(f"interpolation {settings.interpolation!r}: choose one of {sorted(INTERPOLATIONS)}")
     return net, class_names, settings
 
 

@@ -14,7 +14,8 @@ import logging
 from pathlib import Path
 
 from replknet_fn.checkpoint import CheckpointError, load_parameters, read_checkpoint
-from replknet_fn.convert import ConversionError, load_official_state_dict, net_parameters, read_state_dict
+from replknet_fn.convert import (ConversionError, load_official_state_dict, net_parameters, read_state_dict,
+                                 unwrap_state_dict)
 from replknet_fn.config import DEFAULTS
 from replknet_fn.model import MODELS, OFFICIAL_INPUT, build_replknet, create_model
 from replknet_fn.reparam import reparameterize
@@ -80,7 +81,7 @@ def network_from_checkpoint(path, model=None, *, use_ema=False, reparam=False, n
     form = checkpoint_form(entries)
     if form != "train":
         net = reparameterize(net, fold_all=form == "folded", large_kernel_impl=large_kernel_impl)
-    load_network_weights(net, entries, path)
+    load_parameters(net_parameters(net), entries, path, optional=_stage_norms(entries, build_overrides))
     if reparam and form == "train":
         net = reparameterize(net, large_kernel_impl=large_kernel_impl)
     net.set_train(False)
@@ -91,16 +92,16 @@ def _network_from_official(path, model, use_ema, reparam, num_classes, large_ker
     if model is None:
         raise CheckpointError(f"{path} is an official PyTorch checkpoint: give --model, one of {sorted(MODELS)}")
     state_dict = read_state_dict(path)
-    head = next((value for key, value in _flat_items(state_dict) if key.endswith(("head.weight",
-                                                                                  "head.cls_22k.weight"))), None)
+    flat = unwrap_state_dict(state_dict, "model_ema" if use_ema else "model")
+    head = flat.get("head.weight")
     if num_classes is None:
         num_classes = None if head is None else int(head.shape[0])
     net = _build(model=model, num_classes=num_classes, drop_path_rate=0.0, recompute=False,
                  large_kernel_impl=large_kernel_impl, **build_overrides)
-    if any(".lkb_reparam." in key for key, _ in _flat_items(state_dict)):
+    if any(".lkb_reparam." in key for key in flat):
         net = reparameterize(net, large_kernel_impl=large_kernel_impl)
     try:
-        load_official_state_dict(net, state_dict, prefer="model_ema" if use_ema else "model")
+        load_official_state_dict(net, flat, optional=_stage_norms(flat, build_overrides))
     except ConversionError as error:
         raise CheckpointError(f"{path}: {error}") from None
     if reparam and getattr(net, "deploy_form", None) is None:
@@ -114,13 +115,15 @@ def _build(model=None, **args):
     return build_replknet(**args) if model is None else create_model(model, **args)
 
 
-def _flat_items(state_dict):
-    """(key, value) of a state dict and of the dicts it wraps (model, model_ema, state_dict)."""
-    for key, value in state_dict.items():
-        if isinstance(value, dict):
-            yield from _flat_items(value)
-        else:
-            yield key, value
+def _stage_norms(entries, build_overrides):
+    """Prefixes of the per-stage norms that a backbone (`out_indices`) adds and a classification checkpoint
+    lacks: they start as initialized (BN: identity on unit statistics), as when the official detection and
+    segmentation backbones start from ImageNet weights."""
+    missing = [f"stages.{index}.norm." for index in build_overrides.get("out_indices") or ()
+               if not any(name.startswith(f"stages.{index}.norm.") for name in entries)]
+    if missing:
+        log.info("backbone: %s not in the checkpoint; they start as initialized", ", ".join(missing))
+    return tuple(missing)
 
 
 def eval_preprocessing(record, model=None):

@@ -5,25 +5,21 @@ import os
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from replknet_fn import data
+from replknet_fn import augment, data
+from replknet_fn.config import DEFAULTS, Config
 from replknet_fn.data import DataError, DataStats
 from replknet_fn.demo_data import CLASS_NAMES, MARKER, ensure_demo_dataset
 
 
 def recipe(**overrides):
-    """The full recipe at a tiny size: every augmentation on."""
-    values = dict(batch_size=4, image_resize=16, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bicubic",
-                  hflip=0.5, auto_augment="randaug-m9-mstd0.5", color_jitter=0.4, re_prob=0.25, mixup=0.8,
-                  cutmix=1.0, cutmix_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.1, seed=3,
-                  num_parallel_workers=0, crop_pct=0.875)
-    values.update(overrides)
-    return SimpleNamespace(**values)
+    """The full recipe (the config's defaults) at a tiny size: every augmentation on."""
+    return Config(DEFAULTS, **{**dict(batch_size=4, image_resize=16, ratio=(3 / 4, 4 / 3), seed=3,
+                                      num_parallel_workers=0), **overrides})
 
 
 def plain(**overrides):
@@ -201,9 +197,9 @@ def test_evaluation_counts_every_image_exactly_once(tmp_path, count, world_size)
 def test_eval_transform_resizes_the_shorter_side_then_centre_crops(tmp_path):
     image = Image.open(write_image(tmp_path / "wide.png", size=(100, 50))).convert("RGB")
     expected = image.resize((int(36 * 100 / 50), 36), Image.BICUBIC).crop((20, 2, 52, 34))  # 36 = floor(32 / .875)
-    np.testing.assert_allclose(data.eval_transform(image, 32, 0.875, "bicubic"), data.normalize(expected))
-    gray = Image.new("RGB", (5, 5), tuple(round(255 * m) for m in data.IMAGENET_MEAN))
-    assert np.abs(data.eval_transform(gray, 8, 0.875)).max() < 0.01
+    np.testing.assert_allclose(augment.eval_transform(image, 32, 0.875, "bicubic"), augment.normalize(expected))
+    gray = Image.new("RGB", (5, 5), tuple(round(255 * m) for m in augment.IMAGENET_MEAN))
+    assert np.abs(augment.eval_transform(gray, 8, 0.875)).max() < 0.01
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -215,10 +211,10 @@ def test_soft_targets_match_the_closed_form():
     smoothed = np.full((3, 4), off)
     smoothed[[0, 1, 2], labels] = on
     expected = lam * smoothed + (1 - lam) * smoothed[::-1]
-    targets = data.soft_targets(labels, num_classes, lam, smoothing)
+    targets = augment.soft_targets(labels, num_classes, lam, smoothing)
     np.testing.assert_allclose(targets, expected, atol=1e-7)
     np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-6)
-    np.testing.assert_allclose(data.soft_targets(labels, 4, 1.0, 0.0), np.eye(4)[labels])
+    np.testing.assert_allclose(augment.soft_targets(labels, 4, 1.0, 0.0), np.eye(4)[labels])
 
 
 def lam_from_targets(targets, unmixed_targets):
@@ -245,9 +241,9 @@ def test_training_mixup_mixes_images_and_smoothed_targets_with_the_same_lambda(t
 def test_cutmix_pastes_the_flipped_batch_in_a_box_and_lambda_is_the_uncovered_area():
     rng = np.random.default_rng(0)
     images = rng.standard_normal((4, 3, 10, 12)).astype(np.float32)
-    (top, bottom, left, right), lam = data.cutmix_box(np.random.default_rng(1), 10, 12, 0.4)
+    (top, bottom, left, right), lam = augment.cutmix_box(np.random.default_rng(1), 10, 12, 0.4)
     assert lam == pytest.approx(1 - (bottom - top) * (right - left) / 120)
-    mixed = data.mix_images(images, lam, (top, bottom, left, right))
+    mixed = augment.mix_images(images, lam, (top, bottom, left, right))
     inside = np.zeros((10, 12), bool)
     inside[top:bottom, left:right] = True
     np.testing.assert_array_equal(mixed[:, :, inside], images[::-1][:, :, inside])
@@ -257,7 +253,7 @@ def test_cutmix_pastes_the_flipped_batch_in_a_box_and_lambda_is_the_uncovered_ar
 def test_sample_mix_follows_timm_switching():
     def draws(**kwargs):
         rng = np.random.default_rng(0)
-        return [data.sample_mix(rng, **kwargs) for _ in range(2000)]
+        return [augment.sample_mix(rng, **kwargs) for _ in range(2000)]
     assert all(lam == 1.0 for lam, _ in draws(mixup=0.8, cutmix=1.0, mix_prob=0.0))
     assert not any(cut for _, cut in draws(mixup=0.8, cutmix=0.0))
     assert all(cut for _, cut in draws(mixup=0.0, cutmix=1.0))
@@ -272,43 +268,46 @@ def test_sample_mix_follows_timm_switching():
 # RandAugment and the per-image transforms
 
 def test_rand_augment_strings_parse_as_timm():
-    augment = data.parse_rand_augment("randaug-m9-mstd0.5")
-    assert (augment.magnitude, augment.magnitude_std, augment.num_layers, augment.op_prob) == (9, 0.5, 2, 0.5)
-    assert augment.ops == data.RAND_AUGMENT_OPS and augment.fill == (124, 116, 104)
-    augment = data.parse_rand_augment("rand-m7-n3-mstd101-inc1-mmax12")
-    assert (augment.magnitude, augment.num_layers, augment.magnitude_max) == (7, 3, 12)
-    assert augment.magnitude_std == float("inf") and augment.ops == data.RAND_AUGMENT_INCREASING_OPS
+    rand_augment = augment.parse_rand_augment("randaug-m9-mstd0.5")
+    assert (rand_augment.magnitude, rand_augment.magnitude_std, rand_augment.num_layers,
+            rand_augment.op_prob) == (9, 0.5, 2, 0.5)
+    assert rand_augment.ops == augment.RAND_AUGMENT_OPS and rand_augment.fill == (124, 116, 104)
+    rand_augment = augment.parse_rand_augment("rand-m7-n3-mstd101-inc1-mmax12")
+    assert (rand_augment.magnitude, rand_augment.num_layers, rand_augment.magnitude_max) == (7, 3, 12)
+    assert rand_augment.magnitude_std == float("inf") and rand_augment.ops == augment.RAND_AUGMENT_INCREASING_OPS
     with pytest.raises(DataError, match="unknown section 'q3'"):
-        data.parse_rand_augment("randaug-m9-q3")
+        augment.parse_rand_augment("randaug-m9-q3")
     with pytest.raises(DataError, match="only RandAugment"):
-        data.parse_rand_augment("v0")
+        augment.parse_rand_augment("v0")
 
 
 def test_rand_augment_magnitude_noise_has_the_configured_std():
     rng = np.random.default_rng(0)
-    noisy = np.array([data.parse_rand_augment("randaug-m5-mstd0.5").sample_magnitude(rng) for _ in range(20000)])
+    noisy = np.array([augment.parse_rand_augment("randaug-m5-mstd0.5").sample_magnitude(rng)
+                      for _ in range(20000)])
     assert noisy.mean() == pytest.approx(5.0, abs=0.02) and noisy.std() == pytest.approx(0.5, abs=0.02)
-    fixed = [data.parse_rand_augment("randaug-m9").sample_magnitude(rng) for _ in range(100)]
+    fixed = [augment.parse_rand_augment("randaug-m9").sample_magnitude(rng) for _ in range(100)]
     assert set(fixed) == {9.0}
-    clipped = [data.parse_rand_augment("randaug-m10-mstd2").sample_magnitude(rng) for _ in range(1000)]
+    clipped = [augment.parse_rand_augment("randaug-m10-mstd2").sample_magnitude(rng) for _ in range(1000)]
     assert max(clipped) == 10.0 and min(clipped) < 9
-    uniform = np.array([data.parse_rand_augment("randaug-m9-mstd1000").sample_magnitude(rng) for _ in range(5000)])
+    uniform = np.array([augment.parse_rand_augment("randaug-m9-mstd1000").sample_magnitude(rng)
+                        for _ in range(5000)])
     assert uniform.min() >= 0 and uniform.max() <= 9 and uniform.mean() == pytest.approx(4.5, abs=0.15)
 
 
 def test_every_rand_augment_op_runs_and_keeps_the_size(tmp_path):
     image = Image.open(write_image(tmp_path / "x.png", size=(17, 13))).convert("RGB")
     rng = np.random.default_rng(0)
-    for name in set(data.RAND_AUGMENT_OPS + data.RAND_AUGMENT_INCREASING_OPS):
+    for name in set(augment.RAND_AUGMENT_OPS + augment.RAND_AUGMENT_INCREASING_OPS):
         for magnitude in (0.0, 5.0, 10.0):
-            out = data.apply_augment_op(image, name, data._op_argument(name, magnitude, rng))
+            out = augment.apply_augment_op(image, name, augment._op_argument(name, magnitude, rng))
             assert out.size == image.size and out.mode == "RGB", name
 
 
 def test_colour_jitter_is_skipped_when_auto_augment_is_on_as_in_timm():
-    assert data.TrainSettings.from_config(recipe()).jitter_strengths() is None
-    assert data.TrainSettings.from_config(recipe(auto_augment="")).jitter_strengths() == (0.4, 0.4, 0.4, 0.0)
-    assert data.TrainSettings.from_config(recipe(auto_augment=None, color_jitter=0)).jitter_strengths() is None
+    assert augment.AugmentSettings.from_config(recipe()).jitter_strengths() is None
+    assert augment.AugmentSettings.from_config(recipe(auto_augment="")).jitter_strengths() == (0.4, 0.4, 0.4, 0.0)
+    assert augment.AugmentSettings.from_config(recipe(auto_augment=None, color_jitter=0)).jitter_strengths() is None
 
 
 def test_bad_settings_are_named():
@@ -322,10 +321,19 @@ def test_bad_settings_are_named():
         data.train_batches([("x", 0)] * 3, 1, recipe(), epoch=0)
 
 
+def test_settings_take_every_value_from_the_config_and_name_a_missing_key():
+    settings = data.TrainSettings.from_config(Config(DEFAULTS))
+    assert (settings.seed, settings.num_parallel_workers, settings.augment.ratio) == (42, 2, (0.75, 1.333))
+    without_crop_pct = Config(DEFAULTS)
+    del without_crop_pct["crop_pct"]
+    with pytest.raises(DataError, match="the config has no crop_pct"):
+        data.eval_batches([("x", 0)], without_crop_pct)
+
+
 def test_random_resized_crop_falls_back_to_a_centre_crop_clamped_to_the_ratio():
     tall = Image.new("RGB", (3, 200))
     rng = np.random.default_rng(0)
-    assert data.random_resized_crop(tall, rng, 8, scale=(0.9, 1.0)).size == (8, 8)
+    assert augment.random_resized_crop(tall, rng, 8, scale=(0.9, 1.0)).size == (8, 8)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -378,13 +386,13 @@ def test_load_rgb_names_the_file_that_does_not_decode(odd_files):
 
 def test_tiny_and_extreme_images_go_through_train_and_eval_transforms(odd_files):
     _, decodable, _ = odd_files
-    settings = data.TrainSettings.from_config(recipe())
+    settings = augment.AugmentSettings.from_config(recipe())
     for name in ("one_pixel.png", "thin.png", "flat.png"):
         image = data.load_rgb(decodable[name])
         for seed in range(5):
-            chw = data.train_transform(image, np.random.default_rng(seed), settings, settings.rand_augment())
+            chw = augment.train_transform(image, np.random.default_rng(seed), settings, settings.rand_augment())
             assert chw.shape == (3, 16, 16) and np.isfinite(chw).all()
-        assert data.eval_transform(image, 16, 0.875).shape == (3, 16, 16)
+        assert augment.eval_transform(image, 16, 0.875).shape == (3, 16, 16)
 
 
 def test_scan_images_lists_exactly_the_files_that_do_not_decode(odd_files):
@@ -454,12 +462,12 @@ def test_workers_stop_when_the_consumer_stops_early_or_raises(tmp_path):
 
 
 WORKER_ORPHAN_SCRIPT = """
-import importlib.util, os, sys, time
-spec = importlib.util.spec_from_file_location("data_module", sys.argv[1])
-data = importlib.util.module_from_spec(spec); spec.loader.exec_module(data)
-from types import SimpleNamespace
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from replknet_fn import data
+from replknet_fn.config import DEFAULTS, Config
 samples = [(sys.argv[2], 0)] * 64
-config = SimpleNamespace(batch_size=2, image_resize=64, num_parallel_workers=2)
+config = Config(DEFAULTS, batch_size=2, image_resize=64, num_parallel_workers=2)
 batches = data.train_batches(samples, 2, config, epoch=0)
 next(batches)
 import multiprocessing
@@ -470,7 +478,8 @@ time.sleep(60)
 
 def test_workers_exit_by_themselves_when_the_training_process_is_killed(tmp_path):
     image = write_image(tmp_path / "x.png", size=(80, 80))
-    process = subprocess.Popen([sys.executable, "-c", WORKER_ORPHAN_SCRIPT, data.__file__, image],
+    package_root = os.path.dirname(os.path.dirname(data.__file__))
+    process = subprocess.Popen([sys.executable, "-c", WORKER_ORPHAN_SCRIPT, package_root, image],
                                stdout=subprocess.PIPE, text=True)
     worker_pids = [int(pid) for pid in process.stdout.readline().split()]
     assert len(worker_pids) == 2
