@@ -123,6 +123,12 @@ OFFICIAL_COMMANDS = {
         "--data_path /path/to/imagenet-1k --warmup_epochs 1 --job_dir your_training_dir --layer_decay 0.7 "
         "--min_lr 3e-4",
 }
+# The README's evaluation command for XL, the only official command for the XL 320 config.
+XL_EVAL_COMMAND = ("python -m torch.distributed.launch --nproc_per_node=8 main.py --model RepLKNet-XL --batch_size 32 "
+                   "--eval true --resume RepLKNet-XL_MegData73M_ImageNet1K.pth --imagenet_default_mean_and_std false "
+                   "--input_size 320")
+
+
 @pytest.mark.parametrize("name", OFFICIAL_COMMANDS)
 def test_recipe_holds_the_official_command(name):
     assert differences(load(name), our_config(OFFICIAL_COMMANDS[name])) == {}
@@ -138,14 +144,36 @@ def header_text(name):
     return " ".join(" ".join(lines).split())
 
 
-@pytest.mark.parametrize("name, command", OFFICIAL_COMMANDS.items())
+@pytest.mark.parametrize("name, command", [*OFFICIAL_COMMANDS.items(),
+                                           ("replknet_xlarge_320_finetune", XL_EVAL_COMMAND)])
 def test_header_quotes_the_official_command(name, command):
     assert " ".join(command.split()) in header_text(name)
 
 
-@pytest.mark.parametrize("name", OFFICIAL_COMMANDS)
+@pytest.mark.parametrize("name", [*OFFICIAL_COMMANDS, "replknet_xlarge_320_finetune"])
 def test_recipes_run_data_parallel_with_automatic_precision(name):
     config = load(name)
     assert (config.distribute, config.amp_level, config.data_dir) == (True, "auto", "")
     assert config.ckpt_save_dir == f"./ckpt/{name}"
 
+
+# What the README says about the XL fine-tune: the evaluation command's model, input size, mean/std and resize
+# ("Evaluation"), and that it was fine-tuned from the MegData-73M pre-training ("Tips" 1).
+XL_OFFICIAL_KEYS = ("model", "num_classes", "image_resize", "mean", "std", "eval_resize", "crop_pct")
+OUR_SETTINGS = ("distribute", "amp_level", "data_dir", "ckpt_save_dir")  # not recipe values
+
+
+def test_xl_320_finetune_holds_the_official_facts():
+    config = load("replknet_xlarge_320_finetune")
+    expected = {key: value for key, value in our_config(XL_EVAL_COMMAND).items() if key in XL_OFFICIAL_KEYS}
+    expected["pretrained"] = True
+    assert differences(config, expected) == {}
+    assert config.eval_resize == "auto" and config.image_resize < 384  # datasets.py: a centre crop, not a warp
+
+
+def test_xl_320_finetune_marks_every_value_not_from_the_official_readme():
+    official = set(XL_OFFICIAL_KEYS) | {"pretrained"} | set(OUR_SETTINGS)
+    unmarked = [line for line in (CONFIGS / "replknet_xlarge_320_finetune.yaml").read_text().splitlines()
+                if re.match(r"\w+:", line) and line.split(":")[0] not in official
+                and "# not in the official README" not in line]
+    assert unmarked == []
