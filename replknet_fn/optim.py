@@ -7,6 +7,8 @@ weight decay and an lr scale (layer-wise decay), fixed at construction.
 Each optimizer maps a per-parameter update over all parameters with `ops.HyperMap`: a Python loop over RepLKNet-31B's
 562 parameters exceeds MindSpore's call-depth limit under jit (see step.py).
 """
+import math
+
 import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.parameter import Parameter, ParameterTuple
@@ -21,18 +23,32 @@ def decays_weight(name, param, filter_bias_and_bn):
     return not (filter_bias_and_bn and (len(param.shape) <= 1 or name.endswith(".bias")))
 
 
+def layer_groups(layers):
+    """Groups of layer-wise lr decay per stage, as the official optim_factory.get_num_layer_for_replknet: one
+    per stage, except the deepest stage (RepLKNet's third: 18 RepLK/FFN pairs), in groups of 4 blocks (2 pairs).
+    For [2, 2, 18, 2]: [1, 1, 9, 1]."""
+    deepest = layers.index(max(layers))
+    return [math.ceil(2 * count / 4) if stage == deepest else 1 for stage, count in enumerate(layers)]
+
+
 def layer_id(name, layers):
-    """Layer index for layer-wise lr decay (BEiT style): stem 0, each RepLK/FFN pair its own layer in order,
-    a transition with the pair that follows it, the head last."""
+    """Layer index for layer-wise lr decay (BEiT style, the official grouping): stem 0, then the stage groups of
+    `layer_groups` in order, a transition with the group before it, the final norm and head last. For
+    [2, 2, 18, 2] the official ids 0..13."""
+    groups = layer_groups(layers)
+    first = [1 + sum(groups[:stage]) for stage in range(len(layers))]
     if name.startswith("stem."):
         return 0
     parts = name.split(".")
     if parts[0] == "stages":
-        stage, index = int(parts[1]), int(parts[3]) if parts[2] == "blocks" else 0
-        return 1 + sum(layers[:stage]) + index // 2
+        stage = int(parts[1])
+        if parts[2] == "blocks" and groups[stage] > 1:
+            return first[stage] + int(parts[3]) // 4
+        return first[stage] + (0 if parts[2] == "blocks" else groups[stage] - 1)
     if parts[0] == "transitions":
-        return 1 + sum(layers[:int(parts[1]) + 1])
-    return 1 + sum(layers)
+        stage = int(parts[1])
+        return first[stage] + groups[stage] - 1
+    return 1 + sum(groups)
 
 
 def parameter_groups(net, config):
@@ -41,8 +57,8 @@ def parameter_groups(net, config):
     decays = [config.weight_decay if decays_weight(p.name, p, config.filter_bias_and_bn) else 0.0 for p in params]
     if config.layer_decay < 1.0:
         layers = net.build_args["layers"]
-        num_layers = sum(layers) + 2
-        scales = [config.layer_decay ** (num_layers - 1 - layer_id(p.name, layers)) for p in params]
+        last = 1 + sum(layer_groups(layers))  # the head's id: its lr is not decayed
+        scales = [config.layer_decay ** (last - layer_id(p.name, layers)) for p in params]
     else:
         scales = [1.0] * len(params)
     return params, decays, scales

@@ -66,7 +66,7 @@ def test_missing_config_file_is_named(tmp_path):
         parse_config(["--config", str(tmp_path / "nope.yaml")])
 
 
-@pytest.mark.parametrize("name", ["demo", "replknet31_base", "replknet31_large", "replknet_xlarge"])
+@pytest.mark.parametrize("name", sorted(path.stem for path in (ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_load_and_round_trip(name, tmp_path):
     config = parse_config(["--config", str(ROOT / "configs" / f"{name}.yaml")])
     save_config(config, tmp_path / "saved.yaml")

@@ -209,17 +209,46 @@ def test_bias_and_bn_parameters_get_no_weight_decay():
     assert by_name["head.bias"] == 0.0 and by_name["stem.0.bn.gamma"] == 0.0 and by_name["norm.beta"] == 0.0
 
 
+def official_layer_id(var_name):
+    """The official optim_factory.get_num_layer_for_replknet (RepLKNet-pytorch), for [2, 2, 18, 2] layers."""
+    if var_name.startswith("stem"):
+        return 0
+    elif var_name.startswith("stages"):
+        stage_id = int(var_name.split('.')[1])
+        block_id = int(var_name.split('.')[3])
+        if stage_id in [0, 1]:
+            return stage_id + 1
+        elif stage_id == 2:
+            return 3 + block_id // 4
+        return 12
+    elif var_name.startswith('transitions'):
+        transition_id = int(var_name.split('.')[1])
+        return transition_id + 1 if transition_id in [0, 1] else 11
+    return 13
+
+
+def test_layer_ids_are_the_official_groups_for_the_31b_31l_xl_depths():
+    layers = [2, 2, 18, 2]
+    names = ["stem.0.conv.weight", "stem.3.bn.gamma", "norm.gamma", "head.weight", "head.bias"]
+    names += [f"stages.{stage}.blocks.{block}.pw1.conv.weight" for stage in range(4)
+              for block in range(2 * layers[stage])]
+    names += [f"transitions.{index}.0.conv.weight" for index in range(3)]
+    assert {name: layer_id(name, layers) for name in names} == {name: official_layer_id(name) for name in names}
+
+
 def test_layer_decay_scales_rise_towards_the_head():
+    """The official scale of layer i is decay ** (13 - i) at [2, 2, 18, 2]; a small net groups the same way."""
     config = tiny_config(layer_decay=0.5)
     net = build_replknet([5, 3], [1, 2], [8, 16], small_kernel=3, num_classes=4)
     params, _, scales = parameter_groups(net, config)
     by_name = dict(zip((p.name for p in params), scales))
     layers = [1, 2]
-    assert layer_id("stages.1.blocks.3.pw1.conv.weight", layers) == 3
-    assert layer_id("transitions.0.0.conv.weight", layers) == 2
-    # 5 layers: stem 0, pairs 1..3, head 4 -> scale 0.5 ** (4 - id)
-    assert by_name["stem.0.conv.weight"] == 0.5 ** 4
-    assert by_name["stages.0.blocks.1.pw1.conv.weight"] == 0.5 ** 3
+    # stem 0, stage 0 (and transition 0) 1, stage 1 (the deepest: 4 blocks, one group of 4) 2, head 3
+    assert layer_id("stages.1.blocks.3.pw1.conv.weight", layers) == 2
+    assert layer_id("transitions.0.0.conv.weight", layers) == 1
+    assert by_name["stem.0.conv.weight"] == 0.5 ** 3
+    assert by_name["stages.0.blocks.1.pw1.conv.weight"] == 0.5 ** 2
+    assert by_name["stages.1.blocks.3.pw1.conv.weight"] == 0.5
     assert by_name["head.weight"] == 1.0
 
 
