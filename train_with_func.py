@@ -17,8 +17,16 @@ from pathlib import Path
 import mindspore as ms
 
 from replknet_fn import compile_cache, data, device, dist, dwconv
-from replknet_fn.checkpoint import (CheckpointError, check_free_space, check_writable, find_resume_checkpoint,
-                                    link_or_copy, restore_train_state, save_train_state, select_kept)
+from replknet_fn.checkpoint import (
+    CheckpointError,
+    check_free_space,
+    check_writable,
+    find_resume_checkpoint,
+    link_or_copy,
+    restore_train_state,
+    save_train_state,
+    select_kept,
+)
 from replknet_fn.config import DEMO_CONFIG, Config, ConfigError, parse_config, save_config
 from replknet_fn.evaluation import evaluate, make_eval_step
 from replknet_fn.model import create_model, set_drop_path_seed
@@ -215,7 +223,8 @@ def main(argv=None):
     config = parse_config(argv, default_config=DEMO_CONFIG, description=__doc__.splitlines()[0])
     config.device_target = device.apply_device_target(config.device_target)
     config.amp_level = device.resolve_amp_level(config.amp_level, config.device_target)
-    rank, world_size = dist.init_distributed(config.distribute, config.collective_timeout)
+    ranks = dist.init_distributed(config.distribute, config.collective_timeout)
+    rank, world_size = ranks
     ms.set_seed(config.seed)
     check_writable(config.ckpt_save_dir)
     setup_logging(rank, config.ckpt_save_dir)
@@ -243,9 +252,9 @@ def main(argv=None):
     lr_at = create_lr_schedule(config, steps_per_epoch)
     if config.resume:
         resume(state, config)
-    dist.broadcast_parameters(list(state.parameters().values()), world_size)
+    dist.broadcast_parameters(list(state.parameters().values()), ranks)
     dist.check_same_on_all_ranks({"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
-                                  "step": state.step}, world_size)
+                                  "step": state.step}, ranks)
     # auto's per-shape choice of conv implementation is measured (and logged) before the step compiles: it is part
     # of the graph.
     dwconv.decide_for(state.net, (config.batch_size, 3, config.image_resize, config.image_resize))

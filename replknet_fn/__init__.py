@@ -1,7 +1,17 @@
 """replknet_fn: RepLKNet on MindSpore, trained by a functional pipeline."""
-from replknet_fn.model import (MODELS, build_replknet, create_model, replknet31_base, replknet31_large,
-                               replknet_tiny, replknet_xlarge)
+from replknet_fn.model import (
+    MODELS,
+    build_replknet,
+    create_model,
+    replknet31_base,
+    replknet31_large,
+    replknet_tiny,
+    replknet_xlarge,
+)
 from replknet_fn.reparam import reparameterize
+
+__all__ = ["MODELS", "build_replknet", "create_model", "replknet31_base", "replknet31_large", "replknet_tiny",
+           "replknet_xlarge", "reparameterize", "load_official_state_dict"]
 
 
 def __getattr__(name):

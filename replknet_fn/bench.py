@@ -35,8 +35,8 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import ops
 from mindspore.common.parameter import ParameterTuple
 
@@ -235,7 +235,7 @@ def stored_gradients(params):
     everything after the gradients: unscale, global norm, finite check, clip, optimizer, loss-scale update."""
     grads = ParameterTuple(params).clone(prefix="bench_gradients", init="normal")
 
-    def gradients(grad_fn, images, targets, scale, accumulation_steps):
+    def gradients(grad_fn, images, targets, scale):
         return ops.zeros((), ms.float32), tuple(grads)
 
     return gradients

@@ -113,8 +113,14 @@ def with_compile_cache(step, directory):
             return step(*args)
         saved = {name: os.environ.get(name) for name in (ENABLE, PATH)}
         os.environ[ENABLE], os.environ[PATH] = "1", str(directory)
+        existed = directory.exists()
         try:
             return step(*args)
+        except BaseException:
+            # A compile that failed may still have written an entry; a later run would load it and fail at once.
+            if not existed:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
         finally:
             compiled = True
             for name, value in saved.items():

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import yaml
 
-
 log = logging.getLogger(__name__)
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"  # the entry scripts' default
 # Resize filters by name: the `interpolation` key's choices, and what augment.py maps to Pillow's filters.
@@ -60,13 +59,17 @@ def _options():
         "collective_timeout": o(600, "seconds a rank waits in a collective for a late peer, e.g. while rank 0 "
                                      "saves a large checkpoint (a dead rank is still noticed within ~30 s)",
                                 low=1, used_by=BOTH, graph=False),
-        "resume": o("", "checkpoint to continue from, or 'auto' for the newest valid one in ckpt_save_dir", graph=False),
+        "resume": o("", "checkpoint to continue from, or 'auto' for the newest valid one in ckpt_save_dir",
+                    graph=False),
         "max_steps": o(0, "stop after this many optimizer steps in total (0: no limit; for tests and debugging)",
                        low=0, graph=False),
         # --- data ----------------------------------------------------------------------------------------
-        "data_dir": o("", "folder with train/ and val/ class folders; empty: the built-in demo data", used_by=BOTH, graph=False),
-        "demo_data_dir": o("./demo_data", "where the built-in demo data set is generated when data_dir is empty", used_by=BOTH, graph=False),
-        "num_parallel_workers": o(2, "data loading processes (0: in the main process)", low=0, used_by=BOTH, graph=False),
+        "data_dir": o("", "folder with train/ and val/ class folders; empty: the built-in demo data", used_by=BOTH,
+                      graph=False),
+        "demo_data_dir": o("./demo_data", "where the built-in demo data set is generated when data_dir is empty",
+                           used_by=BOTH, graph=False),
+        "num_parallel_workers": o(2, "data loading processes (0: in the main process)", low=0, used_by=BOTH,
+                                  graph=False),
         "batch_size": o(64, "images per step per process", low=1, used_by=BOTH),
         "image_resize": o(224, "training crop and evaluation crop size", low=8, used_by=BOTH),
         "scale": o((0.08, 1.0), "RandomResizedCrop area range", element=float, graph=False),
@@ -79,7 +82,8 @@ def _options():
         "re_prob": o(0.25, "random erasing probability", low=0.0, high=1.0, graph=False),
         "mixup": o(0.8, "mixup alpha (0: off)", low=0.0, graph=False),
         "cutmix": o(1.0, "cutmix alpha (0: off)", low=0.0, graph=False),
-        "cutmix_prob": o(1.0, "probability that a batch is mixed at all (mixup or cutmix)", low=0.0, high=1.0, graph=False),
+        "cutmix_prob": o(1.0, "probability that a batch is mixed at all (mixup or cutmix)", low=0.0, high=1.0,
+                         graph=False),
         "mixup_switch_prob": o(0.5, "probability of cutmix rather than mixup when both are on", low=0.0,
                                high=1.0, graph=False),
         "label_smoothing": o(0.1, "label smoothing", low=0.0, high=1.0, graph=False),
@@ -106,9 +110,12 @@ def _options():
         "pretrained": o(False, "fine-tune from ckpt_path (ours or a converted official checkpoint)", graph=False),
         "ckpt_path": o("", "weights to start from when pretrained is true", used_by=BOTH, graph=False),
         "ema": o(False, "keep an exponential moving average of the weights"),
-        "use_ema": o(False, "validate_with_func.py: evaluate the checkpoint's EMA weights", used_by=VALIDATE_ONLY, graph=False),
-        "reparam": o(False, "validate_with_func.py: evaluate the re-parameterized (deploy) network", used_by=VALIDATE_ONLY, graph=False),
-        "results_file": o("", "validate_with_func.py: also write the results to this .json or .csv file", used_by=VALIDATE_ONLY, graph=False),
+        "use_ema": o(False, "validate_with_func.py: evaluate the checkpoint's EMA weights", used_by=VALIDATE_ONLY,
+                     graph=False),
+        "reparam": o(False, "validate_with_func.py: evaluate the re-parameterized (deploy) network",
+                     used_by=VALIDATE_ONLY, graph=False),
+        "results_file": o("", "validate_with_func.py: also write the results to this .json or .csv file",
+                          used_by=VALIDATE_ONLY, graph=False),
         "ema_decay": o(0.9999, "EMA decay per step", low=0.0, high=1.0),
         # --- optimization --------------------------------------------------------------------------------
         "epoch_size": o(300, "epochs", low=1, graph=False),
@@ -292,6 +299,13 @@ def add_option(parser, key, **overrides):
     kwargs.update(overrides)
     names = ["-c", "--config"] if key == "config" else [f"--{key}"]
     parser.add_argument(*names, **kwargs)
+
+
+def add_weights_options(parser):
+    """--ckpt_path (required), --model and --use_ema: the weights a tool loads (weights.network_from_checkpoint)."""
+    add_option(parser, "ckpt_path", required=True, help="our checkpoint, or official weights (.pth .npz .safetensors)")
+    add_option(parser, "model", help="needed for weights that do not record their architecture (official ones)")
+    add_option(parser, "use_ema", default=False, help="the EMA weights of a training checkpoint")
 
 
 def add_flag(parser, name, help):

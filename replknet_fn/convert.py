@@ -206,6 +206,7 @@ def _torch_to_numpy(value):
 def convert(src, dst, model, num_classes=None, prefer="model"):
     """Convert an official checkpoint into a MindSpore checkpoint of `model`; return the network."""
     import mindspore as ms
+
     from replknet_fn.model import create_model
     from replknet_fn.reparam import reparameterize
     state_dict = unwrap_state_dict(read_state_dict(src), prefer)

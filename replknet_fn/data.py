@@ -35,8 +35,15 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 from PIL import Image
 
-from replknet_fn.augment import (AugmentSettings, DataError, config_values, eval_transform, mix_batch,
-                                 resample_filter, train_transform)
+from replknet_fn.augment import (
+    AugmentSettings,
+    DataError,
+    config_values,
+    eval_transform,
+    mix_batch,
+    resample_filter,
+    train_transform,
+)
 from replknet_fn.workers import map_in_workers
 
 log = logging.getLogger(__name__)

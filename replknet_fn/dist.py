@@ -1,11 +1,11 @@
 """Data parallelism made explicit: who we are, and the few things that cross processes.
 
-    rank, world_size = init_distributed(config.distribute, config.collective_timeout)  # msrun or mpirun
+    ranks = init_distributed(config.distribute, config.collective_timeout)  # Ranks(rank, world_size)
     all_reduce = make_gradient_mean(world_size, params)       # the train step's all-reduce hook
     totals = make_sum_across_ranks(world_size)(counts)        # validation counters
-    broadcast_parameters(params, world_size)                  # every rank starts from rank 0's weights
+    broadcast_parameters(params, ranks)                       # every rank starts from rank 0's weights
     average_over_ranks(state.rank_local_parameters(), world_size)  # BN statistics, before validating/saving
-    check_same_on_all_ranks({"step": step}, world_size)       # every rank resumed from the same point
+    check_same_on_all_ranks({"step": step}, ranks)            # every rank resumed from the same point
 
 With `distribute False` nothing is initialised and nothing is communicated. BN statistics are per rank during an
 epoch, as in the reference recipe, and averaged over ranks before every validation and save.
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import NamedTuple
 
 import mindspore as ms
 import numpy as np
@@ -44,16 +45,24 @@ class DistributedError(RuntimeError):
     pass
 
 
-_joined = None  # (rank, world_size) once this process has joined its group: init() may run only once
+class Ranks(NamedTuple):
+    """Who this process is in its data-parallel group (unpacks as `rank, world_size`)."""
+    rank: int
+    world_size: int
+
+
+# MindSpore's init() joins a process to its group once per process; these remember that for a second call (a
+# second run in one process, as in the tests) and for explain_failure, which runs where no Ranks is at hand.
+_joined = None
 _collective_timeout = None
 
 
 def init_distributed(distribute, collective_timeout):
-    """(rank, world_size). With `distribute`, joins the group that msrun or mpirun started us in; this worker's
-    collectives wait `collective_timeout` seconds for a late peer."""
+    """Ranks(rank, world_size). With `distribute`, joins the group that msrun or mpirun started us in; this
+    worker's collectives wait `collective_timeout` seconds for a late peer."""
     global _joined, _collective_timeout
     if not distribute:
-        return 0, 1
+        return Ranks(0, 1)
     if _joined is not None:
         return _joined
     if not os.environ.get("MS_ROLE") and os.environ.get("OMPI_COMM_WORLD_SIZE"):
@@ -70,7 +79,7 @@ def init_distributed(distribute, collective_timeout):
         init()
     except (RuntimeError, ValueError) as error:
         raise DistributedError(f"joining the process group failed: {str(error).splitlines()[0]}") from None
-    _joined = get_rank(), get_group_size()
+    _joined = Ranks(get_rank(), get_group_size())
     if _joined[1] > 1:
         _explain_termination(*_joined)
     return _joined
@@ -280,12 +289,12 @@ def barrier(world_size):
     mean_across_ranks(0.0, world_size)
 
 
-def broadcast_parameters(params, world_size):
+def broadcast_parameters(params, ranks):
     """Make every rank hold rank 0's values, bit for bit: float parameters travel as float32 (others add zeros:
     x + 0 is exact), integer ones (step counters, seeds) as 16-bit halves. Host buffers, 64 MB per all-reduce."""
+    rank, world_size = ranks
     if world_size == 1:
         return
-    rank = _joined[0]
     float_types, int_types = (ms.float32, ms.float16), (ms.int32, ms.int16, ms.int8, ms.uint8)
     floats = [p for p in params if p.dtype in float_types]
     ints = [p for p in params if p.dtype in int_types]
@@ -313,12 +322,12 @@ def average_over_ranks(params, world_size):
         offset += param.size
 
 
-def check_same_on_all_ranks(values, world_size):
+def check_same_on_all_ranks(values, ranks):
     """Raise DistributedError on every rank unless all ranks hold the same integers `values` ({name: int}),
     e.g. the step a resume restored."""
+    rank, world_size = ranks
     if world_size == 1:
         return
-    rank = _joined[0]
     local = np.array(list(values.values()), np.int64)
     rank0 = _ints_from_rank0(local, rank)
     differs = _sum_over_ranks((rank0 != local).astype(np.float32)) > 0

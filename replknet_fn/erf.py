@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
 from PIL import Image, ImageDraw, ImageFont
 

@@ -12,13 +12,13 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import nn
 
 from replknet_fn import device
 from replknet_fn.checkpoint import CheckpointError
-from replknet_fn.config import add_flag, add_option, parse_tool_args
+from replknet_fn.config import add_flag, add_option, add_weights_options, parse_tool_args
 from replknet_fn.reparam import reparameterize
 from replknet_fn.runlog import setup_logging
 from replknet_fn.weights import eval_preprocessing, network_from_checkpoint
@@ -92,9 +92,7 @@ def default_output(ckpt, fold_all):
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m replknet_fn.export",
                                      description="Export the re-parameterized RepLKNet of a checkpoint.")
-    add_option(parser, "ckpt_path", required=True, help="training- or deploy-form checkpoint, or official weights")
-    add_option(parser, "model", help="needed for weights that do not record their architecture (official ones)")
-    add_option(parser, "use_ema", default=False, help="export the EMA weights of a training checkpoint")
+    add_weights_options(parser)
     parser.add_argument("--format", default="MINDIR", choices=["MINDIR", "ONNX"], type=str.upper)
     add_option(parser, "image_resize", help="input size (default: the checkpoint's, else the model's official one)")
     add_option(parser, "batch_size", default="1", help="fixed batch size (without --dynamic_batch)")

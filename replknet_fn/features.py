@@ -19,7 +19,7 @@ import numpy as np
 
 from replknet_fn import device
 from replknet_fn.checkpoint import CheckpointError
-from replknet_fn.config import add_flag, add_option, parse_tool_args
+from replknet_fn.config import add_flag, add_option, add_weights_options, parse_tool_args
 from replknet_fn.runlog import setup_logging
 from replknet_fn.weights import eval_preprocessing, network_from_checkpoint
 
@@ -37,9 +37,7 @@ def stage_shapes(net, image_size, batch_size=1):
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m replknet_fn.features",
                                      description="Per-stage feature shapes of a checkpoint's backbone.")
-    add_option(parser, "ckpt_path", required=True, help="our checkpoint, or official weights (also seg/det ones)")
-    add_option(parser, "model", help="needed for weights that do not record their architecture (official ones)")
-    add_option(parser, "use_ema", default=False, help="the EMA weights of a training checkpoint")
+    add_weights_options(parser)
     add_option(parser, "image_resize", help="input size (default: the checkpoint's, else the model's official one)")
     parser.add_argument("--out_indices", type=int, nargs="+", default=[0, 1, 2, 3], help="stages to output")
     add_option(parser, "device_target", default="auto")

@@ -5,8 +5,8 @@ Layers are built by small functions (`conv_bn`, `conv_bn_relu`, `batch_norm`); b
 `construct` reads like the paper's figure. Parameter names follow the official keys with MindSpore's BN names
 (gamma, beta, moving_mean, moving_variance); `convert.py` holds that mapping.
 """
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from replknet_fn import device, dwconv, pointwise
@@ -336,19 +336,21 @@ def build_replknet(large_kernel_sizes, layers, channels, drop_path_rate=0.0, sma
 
 
 def replknet31_base(drop_path_rate=0.3, num_classes=1000, **kwargs):
-    return build_replknet(**dict(large_kernel_sizes=[31, 29, 27, 13], layers=[2, 2, 18, 2], channels=[128, 256, 512, 1024],
-                                 small_kernel=5, drop_path_rate=drop_path_rate, num_classes=num_classes) | kwargs)
+    return build_replknet(**dict(large_kernel_sizes=[31, 29, 27, 13], layers=[2, 2, 18, 2],
+                                 channels=[128, 256, 512, 1024], small_kernel=5, drop_path_rate=drop_path_rate,
+                                 num_classes=num_classes) | kwargs)
 
 
 def replknet31_large(drop_path_rate=0.3, num_classes=1000, **kwargs):
-    return build_replknet(**dict(large_kernel_sizes=[31, 29, 27, 13], layers=[2, 2, 18, 2], channels=[192, 384, 768, 1536],
-                                 small_kernel=5, drop_path_rate=drop_path_rate, num_classes=num_classes) | kwargs)
+    return build_replknet(**dict(large_kernel_sizes=[31, 29, 27, 13], layers=[2, 2, 18, 2],
+                                 channels=[192, 384, 768, 1536], small_kernel=5, drop_path_rate=drop_path_rate,
+                                 num_classes=num_classes) | kwargs)
 
 
 def replknet_xlarge(drop_path_rate=0.3, num_classes=1000, **kwargs):
-    return build_replknet(**dict(large_kernel_sizes=[27, 27, 27, 13], layers=[2, 2, 18, 2], channels=[256, 512, 1024, 2048],
-                                 small_kernel=None, dw_ratio=1.5, drop_path_rate=drop_path_rate,
-                                 num_classes=num_classes) | kwargs)
+    return build_replknet(**dict(large_kernel_sizes=[27, 27, 27, 13], layers=[2, 2, 18, 2],
+                                 channels=[256, 512, 1024, 2048], small_kernel=None, dw_ratio=1.5,
+                                 drop_path_rate=drop_path_rate, num_classes=num_classes) | kwargs)
 
 
 def replknet_tiny(drop_path_rate=0.0, num_classes=10, **kwargs):

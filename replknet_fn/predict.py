@@ -29,7 +29,7 @@ import numpy as np
 
 from replknet_fn import data, device
 from replknet_fn.checkpoint import CheckpointError
-from replknet_fn.config import INTERPOLATIONS, Config, add_flag, add_option, parse_tool_args
+from replknet_fn.config import INTERPOLATIONS, Config, add_flag, add_option, add_weights_options, parse_tool_args
 from replknet_fn.runlog import Progress, setup_logging
 from replknet_fn.weights import PREPROCESSING_KEYS, eval_preprocessing, network_from_checkpoint
 
@@ -204,9 +204,7 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="python -m replknet_fn.predict",
                                      description="Top classes of images by a RepLKNet checkpoint.")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
-    add_option(parser, "ckpt_path", required=True, help="our checkpoint, or official weights (.pth, .npz, ...)")
-    add_option(parser, "model", help="needed for weights that do not record their architecture (official ones)")
-    add_option(parser, "use_ema", default=False, help="use the EMA weights of a training checkpoint")
+    add_weights_options(parser)
     add_option(parser, "reparam", default=False, help="predict with the re-parameterized (deploy) network")
     parser.add_argument("--labels", default=None, help="class names: one per line, or a JSON list (overrides the "
                                                         "checkpoint's class list)")

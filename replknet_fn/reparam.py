@@ -9,8 +9,8 @@ import numpy as np
 from mindspore import nn
 
 from replknet_fn import dwconv
-from replknet_fn.parameters import write_parameter
 from replknet_fn.model import BN_EPS, ConvFFN, RepLKBlock, build_replknet, conv2d, sync_parameter_names
+from replknet_fn.parameters import write_parameter
 
 
 def to_numpy(parameter):

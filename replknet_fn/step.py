@@ -5,11 +5,25 @@
 
 `make_train_step` composes them and compiles the result with `mindspore.jit` (or not, with `jit=False`: the
 same code runs eagerly, for a debugger). To change one stage, pass your own function for it, e.g.
-`make_train_step(..., clip=my_clip)`; each default below is a plain function you can read and copy.
+`make_train_step(state, config, clip=my_clip)`. A stage takes data only; `make_train_step` binds the config's
+settings to the defaults (`with_settings`), so a replacement never has to accept settings it does not use:
+
+| stage          | signature                                          | default (settings bound from the config)   |
+| -------------- | -------------------------------------------------- | ------------------------------------------ |
+| `loss_fn`      | (logits, targets) -> loss                          | soft_target_cross_entropy                  |
+| `gradients`    | (grad_fn, images, targets, scale) -> (loss, grads) | compute_gradients (accumulation_steps)     |
+| `all_reduce`   | (grads) -> grads                                   | no_all_reduce; dist.make_gradient_mean     |
+| `clip`         | (grads, norm) -> grads                             | clip_by_global_norm (clip_value)           |
+| `apply`        | (optimizer, grads, lr, finite) -> applied          | apply_or_skip (drop_overflow_update)       |
+| `scale_update` | (loss_scale, finite) -> new scale                  | update_loss_scale                          |
+| `ema_update`   | (ema, applied) -> applied                          | update_ema                                 |
+
+`grads` is a tuple of tensors in the order of the optimizer's parameters; `scale` and `lr` are float32 scalars;
+`finite` and `applied` are boolean scalars. Unscaling and the global norm are plain functions here too.
 
 Functions over all gradients map a per-tensor function with `ops.HyperMap` (`map_each`) rather than a Python
 loop or comprehension: jit unrolls those into nested calls, and over RepLKNet-31B's 562 parameters that exceeds
-MindSpore's call-depth limit (and compiles several times slower on smaller models).
+MindSpore's call-depth limit.
 """
 import mindspore as ms
 from mindspore import nn, ops
@@ -61,7 +75,7 @@ def make_scaled_forward(net, loss_fn):
     return forward
 
 
-def compute_gradients(grad_fn, images, targets, scale, accumulation_steps):
+def compute_gradients(grad_fn, images, targets, scale, *, accumulation_steps=1):
     """Mean loss and mean (still scaled) gradients over `accumulation_steps` equal micro-batches."""
     if accumulation_steps == 1:
         (_, loss, _), grads = grad_fn(images, targets, scale)
@@ -90,13 +104,13 @@ def global_norm(grads, sum_of_squares=squared_sum):
     return ops.sqrt(ops.addn(map_each(sum_of_squares, grads)))
 
 
-def clip_by_global_norm(grads, norm, clip_value):
+def clip_by_global_norm(grads, norm, *, clip_value):
     """torch.nn.utils.clip_grad_norm_: scale by clip_value / (norm + 1e-6) when that is below 1."""
     factor = ops.minimum(clip_value / (norm + 1e-6), 1.0)
     return map_each(ops.partial(multiply, factor), grads)
 
 
-def apply_or_skip(optimizer, grads, lr, finite, drop_overflow_update):
+def apply_or_skip(optimizer, grads, lr, finite, *, drop_overflow_update):
     """Run the optimizer, unless the gradients are non-finite and such updates are dropped. Returns whether
     it ran; the caller must use that value, or graph compilation prunes the update as dead code."""
     if drop_overflow_update:
@@ -132,31 +146,42 @@ def update_ema(ema, applied):
     return applied
 
 
-def make_train_step(state, config, all_reduce=no_all_reduce, loss_fn=soft_target_cross_entropy,
-                    gradients=compute_gradients, clip=clip_by_global_norm, apply=apply_or_skip,
-                    scale_update=update_loss_scale, ema_update=update_ema, net=None):
+def with_settings(stage, **settings):
+    """`stage` with its keyword settings fixed, as a closure. Not functools.partial: inside the compiled step
+    Cell, a float bound by partial arrived as a float64 tensor and the step failed to compile (measured, MindSpore
+    2.8: "Float32 cannot be converted to Float64" at the loss-scale update); a closure's floats stay constants."""
+    def stage_with_settings(*data):
+        return stage(*data, **settings)
+
+    return stage_with_settings
+
+
+def make_train_step(state, config, all_reduce=no_all_reduce, loss_fn=soft_target_cross_entropy, gradients=None,
+                    clip=None, apply=None, scale_update=update_loss_scale, ema_update=update_ema, net=None):
     """Return `train_step(images, targets, lr) -> (loss, grad_norm, finite, loss_scale)`.
 
     `images`/`targets` hold `accumulation_steps` micro-batches; `lr` is a float32 scalar Tensor from the
-    schedule. Every stage can be replaced by passing a function with the same signature. `net` is the network
-    to differentiate if not `state.net` itself (e.g. `state.net` wrapped by MindSpore AMP)."""
+    schedule. Every stage can be replaced by a function of the signature in the table above. `net` is the
+    network to differentiate if not `state.net` itself (e.g. `state.net` wrapped by MindSpore AMP)."""
     net = state.net if net is None else net
     optimizer, loss_scale, ema = state.optimizer, state.loss_scale, state.ema
     grad_fn = ms.value_and_grad(make_scaled_forward(net, loss_fn), None, optimizer.parameters, has_aux=True)
-    accumulation_steps, drop_overflow_update = config.accumulation_steps, config.drop_overflow_update
-    clip_grad, clip_value = config.clip_grad, float(config.clip_value)
+    gradients = gradients or with_settings(compute_gradients, accumulation_steps=config.accumulation_steps)
+    clip = clip or with_settings(clip_by_global_norm, clip_value=float(config.clip_value))
+    apply = apply or with_settings(apply_or_skip, drop_overflow_update=config.drop_overflow_update)
+    clip_grad = config.clip_grad
     sum_of_squares = choose_squared_sum()
 
     def train_step(images, targets, lr):
         scale = loss_scale.value
-        loss, grads = gradients(grad_fn, images, targets, scale, accumulation_steps)
+        loss, grads = gradients(grad_fn, images, targets, scale)
         grads = all_reduce(grads)
         grads = unscale(grads, scale)
         norm = global_norm(grads, sum_of_squares)
         finite = ops.isfinite(norm)
         if clip_grad:
-            grads = clip(grads, norm, clip_value)
-        applied = apply(optimizer, grads, lr, finite, drop_overflow_update)
+            grads = clip(grads, norm)
+        applied = apply(optimizer, grads, lr, finite)
         new_scale = scale_update(loss_scale, finite)
         if ema is not None:
             applied = ema_update(ema, applied)

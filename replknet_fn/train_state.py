@@ -9,7 +9,6 @@ from mindspore.common.parameter import Parameter, ParameterTuple
 
 from replknet_fn.model import is_rng_state
 
-
 BATCH_NORM_STATISTICS = (".moving_mean", ".moving_variance")
 
 

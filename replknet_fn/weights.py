@@ -14,9 +14,14 @@ import logging
 from pathlib import Path
 
 from replknet_fn.checkpoint import CheckpointError, load_parameters, read_checkpoint
-from replknet_fn.convert import (ConversionError, load_official_state_dict, net_parameters, read_state_dict,
-                                 unwrap_state_dict)
 from replknet_fn.config import DEFAULTS
+from replknet_fn.convert import (
+    ConversionError,
+    load_official_state_dict,
+    net_parameters,
+    read_state_dict,
+    unwrap_state_dict,
+)
 from replknet_fn.model import MODELS, OFFICIAL_INPUT, build_replknet, create_model
 from replknet_fn.reparam import reparameterize
 

@@ -1,4 +1,5 @@
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -34,3 +35,38 @@ def official_state_dict(fixture):
 
 def relative_error(actual, expected):
     return float(np.abs(np.asarray(actual) - expected).max() / np.abs(expected).max())
+
+
+# ---- a short training run's arguments and result (test_train, test_faults) --------------------------------------
+
+def run_args(data_dir, ckpt_dir, *extra):
+    return ["--data_dir", str(data_dir), "--ckpt_save_dir", str(ckpt_dir), "--image_resize", "32",
+            "--batch_size", "8", "--num_parallel_workers", "0", "--epoch_size", "2", "--warmup_epochs", "1",
+            "--decay_epochs", "1", "--drop_path_rate", "0.2", "--ema", "True", "--ema_decay", "0.9",
+            "--tensorboard", "False", "--log_interval", "3", "--mixup", "0.8", "--cutmix", "1.0",
+            "--re_prob", "0.25", "--auto_augment", "randaug-m9-mstd0.5", *extra]
+
+
+def final_weights(ckpt_dir):
+    from replknet_fn.checkpoint import read_checkpoint
+    params, meta = read_checkpoint(ckpt_dir / "replknet_tiny-last.ckpt")
+    return {name: value.asnumpy() for name, value in params.items()}, meta
+
+
+
+# ---- helpers of the multi-process tests ------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launcher_env():
+    """msrun starts workers as `python ...`: make that this interpreter."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def tail(path, lines=30):
+    path = Path(path)
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else f"({path} missing)"

@@ -7,9 +7,11 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT
+from replknet_fn import compile_cache
 from replknet_fn.compile_cache import step_cache_dir
 from replknet_fn.config import DEFAULTS, Config
+
+from conftest import ROOT
 
 STEPS_SCRIPT = textwrap.dedent("""
     import json, sys
@@ -40,7 +42,8 @@ STEPS_SCRIPT = textwrap.dedent("""
         set_drop_path_seed(net, i)
         losses.append(float(step(images, targets, ms.Tensor(1e-3, ms.float32))[0].asnumpy()))
     print(json.dumps({{"losses": losses, "scale": float(state.loss_scale.value.asnumpy()),
-                      "weights": {{name: float(np.abs(p.asnumpy()).sum()) for name, p in state.parameters().items()}}}}))
+                      "weights": {{name: float(np.abs(p.asnumpy()).sum())
+                                  for name, p in state.parameters().items()}}}}))
 """)
 
 
@@ -87,6 +90,7 @@ def test_cache_is_off_when_disabled_or_distributed():
 def test_prune_keeps_the_most_recently_used_entries_and_any_used_within_the_hour(tmp_path):
     import os
     import time
+
     from replknet_fn.compile_cache import prune
     now = time.time()
     for age_hours in range(6):
@@ -100,3 +104,18 @@ def test_prune_keeps_the_most_recently_used_entries_and_any_used_within_the_hour
     recent.mkdir()
     prune(tmp_path, keep=1)  # train_step-0 is 1 minute old: kept although beyond `keep`
     assert sorted(path.name for path in tmp_path.iterdir()) == ["train_step-0", "train_step-recent", "unrelated"]
+
+
+def test_a_compile_that_fails_leaves_no_entry_behind(tmp_path, monkeypatch):
+    """MindSpore may write an entry before the compile fails; a later run would load it and fail at once."""
+    monkeypatch.setattr(compile_cache, "_used_in_this_process", False)
+    entry = tmp_path / "train_step-abc"
+
+    def failing_step(*args):
+        entry.mkdir()
+        (entry / "graph.mindir").write_bytes(b"half")
+        raise RuntimeError("compile failed")
+
+    with pytest.raises(RuntimeError, match="compile failed"):
+        compile_cache.with_compile_cache(failing_step, entry)()
+    assert not entry.exists()

@@ -3,10 +3,11 @@ import math
 
 import pytest
 
-from conftest import ROOT
 from replknet_fn.config import DEFAULTS, Config, ConfigError, parse_config, save_config
 from replknet_fn.device import resolve_amp_level
 from replknet_fn.schedule import create_lr_schedule
+
+from conftest import ROOT
 
 
 def test_cli_overrides_yaml_overrides_defaults(tmp_path):

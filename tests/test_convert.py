@@ -7,10 +7,11 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from conftest import REFERENCE, ROOT, relative_error
 from replknet_fn import replknet31_base, replknet_tiny
 from replknet_fn.convert import ConversionError, load_official_state_dict, net_parameters, read_torch_zip
 from replknet_fn.reparam import reparameterize
+
+from conftest import REFERENCE, ROOT, relative_error
 
 
 def synthesized_31b_state_dict(shapes_file):

@@ -6,11 +6,12 @@ import pytest
 import yaml
 from mindspore import ops
 
-import train_with_func
-from conftest import ROOT
 from replknet_fn import device
 from replknet_fn.config import ConfigError, parse_config
 from replknet_fn.demo_data import ensure_demo_dataset
+
+import train_with_func
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")

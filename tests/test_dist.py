@@ -5,10 +5,8 @@ sharded over both ranks; the tests compare it with one process on the same data.
 times the survivor. This file is also the msrun worker script: `python tests/test_dist.py job.json`.
 """
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port, launcher_env, tail
 
 pytestmark = pytest.mark.slow
 
@@ -60,22 +58,6 @@ def with_frozen_batch_norm(create_model):
     return create
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def launcher_env():
-    """msrun starts workers as `python ...`: make that this interpreter."""
-    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-
-
-def tail(path, lines=30):
-    path = Path(path)
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else f"({path} missing)"
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """8 classes x 2 train images (2 steps per epoch at 2B = 8); 8 x 3 - 1 = 23 val images: 12 and 11 per rank."""
@@ -110,11 +92,13 @@ def run_worker(job_path):
     """One rank of `two_rank_job` (run by msrun)."""
     job = json.loads(Path(job_path).read_text())
     out = Path(job["out"])
+    from replknet_fn import dist
+
     import train_with_func
     import validate_with_func
-    from replknet_fn import dist
-    rank, world_size = dist.init_distributed(True, collective_timeout=600)
-    result = {"broadcast": broadcast_probe(rank, world_size), "disagreement": disagreement_probe(rank, world_size),
+    ranks = dist.init_distributed(True, collective_timeout=600)
+    rank, world_size = ranks
+    result = {"broadcast": broadcast_probe(ranks), "disagreement": disagreement_probe(ranks),
               "gradient_mean": gradient_mean_probe(rank, world_size)}
     train_with_func.create_model = with_frozen_batch_norm(train_with_func.create_model)
     state, _ = train_with_func.main(job["train"] + ["--distribute", "True"])
@@ -125,15 +109,17 @@ def run_worker(job_path):
     (out / f"result_rank{rank}.json").write_text(json.dumps(result))
 
 
-def broadcast_probe(rank, world_size):
+def broadcast_probe(ranks):
     """Whether every rank holds rank 0's float and integer values after broadcast_parameters, bit for bit."""
+    rank = ranks.rank
     import mindspore as ms
     from mindspore import Parameter
+
     from replknet_fn import dist
     floats = np.random.default_rng(rank).standard_normal(5).astype(np.float32)
     ints = np.array([-2 ** 31, 2 ** 31 - 1, 123456789 + rank], np.int32)
     params = [Parameter(ms.Tensor(floats), name="probe.floats"), Parameter(ms.Tensor(ints), name="probe.ints")]
-    dist.broadcast_parameters(params, world_size)
+    dist.broadcast_parameters(params, ranks)
     expected_floats = np.random.default_rng(0).standard_normal(5).astype(np.float32)
     return (np.array_equal(params[0].asnumpy(), expected_floats)
             and np.array_equal(params[1].asnumpy(), [-2 ** 31, 2 ** 31 - 1, 123456789]))
@@ -143,6 +129,7 @@ def gradient_mean_probe(rank, world_size):
     """Whether the jitted per-tensor and bucketed (3 buckets here) gradient means both equal the exact mean."""
     import mindspore as ms
     from mindspore import Parameter
+
     from replknet_fn import dist
     shapes = [(3, 4), (5,), (2, 2, 2), (7,), (1,)]
     params = [Parameter(ms.Tensor(np.zeros(shape, np.float32)), name=f"probe.p{i}") for i, shape in enumerate(shapes)]
@@ -155,11 +142,11 @@ def gradient_mean_probe(rank, world_size):
     return [all(np.array_equal(m.asnumpy(), e) for m, e in zip(mean, expected)) for mean in means]
 
 
-def disagreement_probe(rank, world_size):
+def disagreement_probe(ranks):
     """The error each rank raises when the ranks resumed at different steps (rank 1 one step ahead)."""
     from replknet_fn import dist
     try:
-        dist.check_same_on_all_ranks({"epoch": 1, "step": 10 + rank}, world_size)
+        dist.check_same_on_all_ranks({"epoch": 1, "step": 10 + ranks.rank}, ranks)
     except dist.DistributedError as error:
         return str(error)
     return None
@@ -169,8 +156,10 @@ def disagreement_probe(rank, world_size):
 def one_process_weights(data_dir, tmp_path_factory):
     """k steps of one process at batch 2B on the same images, BN frozen the same way; and the initial weights."""
     import mindspore as ms
-    import train_with_func
+
     from replknet_fn.config import parse_config
+
+    import train_with_func
     args = train_args(data_dir, tmp_path_factory.mktemp("one_process"), 2 * BATCH_PER_RANK)
     original = train_with_func.create_model
     train_with_func.create_model = with_frozen_batch_norm(original)

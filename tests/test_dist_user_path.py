@@ -8,8 +8,8 @@ both ranks. A second run is the README's command itself (`msrun ... train_with_f
 killed with SIGKILL on rank 1 mid-epoch and relaunched with `--resume auto` and 4 data workers per rank. A third
 runs the README's two-machine command: one msrun per network namespace, joined by a veth pair (needs root).
 """
-import json
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port, launcher_env, tail
 
 pytestmark = pytest.mark.slow
 
@@ -41,13 +41,11 @@ def train_args(data_dir, ckpt_dir):
 
 
 def msrun(log_dir, script_and_args):
-    from test_dist import free_port
     return [str(Path(sys.executable).parent / "msrun"), "--worker_num=2", "--local_worker_num=2",
             f"--master_port={free_port()}", f"--log_dir={log_dir}", "--join=True", *script_and_args]
 
 
 def run_job(command, cwd, log_dir, timeout=600):
-    from test_dist import launcher_env, tail
     start = time.time()
     result = subprocess.run(command, cwd=cwd, env=launcher_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, (f"msrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n"
@@ -99,9 +97,10 @@ def run_worker(job_path):
     """One rank of `reference_run` (run by msrun)."""
     job = json.loads(Path(job_path).read_text())
     out = Path(job["out"])
+    from replknet_fn import dist
+
     import train_with_func
     import validate_with_func
-    from replknet_fn import dist
     save, delayed = train_with_func.save_train_state, []
 
     def slow_first_save(*args, **kwargs):
@@ -139,7 +138,6 @@ def worker_pid(msrun_pid, rank):
 @pytest.fixture(scope="module")
 def killed_and_resumed_run(data_dir, tmp_path_factory):
     """The README's msrun command, rank 1 SIGKILLed mid-epoch 2, then the same command with --resume auto."""
-    from test_dist import launcher_env, tail
     out = tmp_path_factory.mktemp("killed")
     args = [str(ROOT / "train_with_func.py"), *train_args(data_dir, out / "ckpt")]
     with open(out / "first.out", "w") as output:
@@ -203,7 +201,6 @@ def two_machines():
 @pytest.fixture(scope="module")
 def two_machine_run(data_dir, tmp_path_factory):
     """The README's two-machine msrun command, one per namespace; rank r runs on machine r."""
-    from test_dist import launcher_env, tail
     out = tmp_path_factory.mktemp("two_machines")
     args = [str(ROOT / "train_with_func.py"), *train_args(data_dir, out / "ckpt")]
     with two_machines() as machines:

@@ -8,8 +8,9 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from conftest import relative_error
 from replknet_fn import dwconv, kernels
+
+from conftest import relative_error
 
 TOLERANCE = 1e-5
 FAST_IMPLS = [impl for impl in dwconv.IMPLEMENTATIONS if impl != "native"]

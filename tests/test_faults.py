@@ -14,17 +14,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
 from replknet_fn import build_replknet
-from replknet_fn.checkpoint import (CheckpointError, find_resume_checkpoint, read_checkpoint, restore_train_state,
-                                    save_train_state)
+from replknet_fn.checkpoint import (
+    CheckpointError,
+    find_resume_checkpoint,
+    read_checkpoint,
+    restore_train_state,
+    save_train_state,
+)
 from replknet_fn.config import DEFAULTS, Config, ConfigError
 from replknet_fn.data import DataError
 from replknet_fn.demo_data import ensure_demo_dataset
 from replknet_fn.optim import create_optimizer
 from replknet_fn.train_state import TrainState, create_loss_scale
+
 import train_with_func
-from test_train import final_weights, run_args
+from conftest import ROOT, final_weights, run_args
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +135,15 @@ def test_bad_files_are_skipped_and_counted_and_training_finishes(tiny_data, tmp_
     shutil.copytree(tiny_data, data_dir)
     make_bad_files(data_dir)
     state, metrics = train_with_func.main(run_args(data_dir, tmp_path / "ckpt", "--num_classes", "9",
-                                                   "--epoch_size", "1", "--ema", "False"))
+                                                   "--epoch_size", "1", "--ema", "False",
+                                                   "--num_parallel_workers", "2"))
     assert state.epoch == 1
     log = (tmp_path / "ckpt" / "train.log").read_text()
     assert '"unreadable_images": 3' in log
+    # The data workers met them; each is named once, in train.log through the one logging setup.
+    for name in ("train/circle/truncated.jpg", "train/circle/not_an_image.jpg", "val/circle/truncated.jpg"):
+        assert sum(f"skipping a file that does not decode: cannot decode image file {data_dir / name}" in line
+                   for line in log.splitlines()) == 1, name
     assert metrics["num_samples"] == 24 + 1  # the thin val image counts, the truncated one does not
 
 

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from mindspore import ops
 
-from conftest import relative_error
 from replknet_fn import MODELS, build_replknet, replknet_tiny
 from replknet_fn.convert import load_official_state_dict, official_key
 from replknet_fn.model import GELU
 from replknet_fn.reparam import reparameterize
+
+from conftest import relative_error
 
 EVAL_TOLERANCE = 1e-5
 TRAIN_LOGITS_TOLERANCE = 5e-5

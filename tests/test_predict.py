@@ -5,7 +5,6 @@ same files with the preprocessing the checkpoint was trained with (deliberately 
 """
 import json
 import shutil
-import sys
 
 import mindspore as ms
 import numpy as np
@@ -21,6 +20,7 @@ from replknet_fn.reparam import reparameterize
 from replknet_fn.runlog import setup_logging
 from replknet_fn.train_state import EMA, TrainState, create_loss_scale
 from replknet_fn.weights import network_from_checkpoint
+
 import validate_with_func
 
 # What the checkpoint "was trained with"; predict must pick these up from it. Images are 40 px, so the

@@ -9,8 +9,9 @@ import re
 
 import pytest
 
-from conftest import ROOT
 from replknet_fn.config import parse_config
+
+from conftest import ROOT
 
 CONFIGS = ROOT / "configs"
 

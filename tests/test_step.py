@@ -7,7 +7,7 @@ import pytest
 
 from replknet_fn import build_replknet
 from replknet_fn.config import DEFAULTS, Config
-from replknet_fn.optim import AdamW, Lion, SGD, create_optimizer, layer_id, parameter_groups
+from replknet_fn.optim import SGD, AdamW, Lion, create_optimizer, layer_id, parameter_groups
 from replknet_fn.step import clip_by_global_norm, compute_gradients, global_norm, make_train_step
 from replknet_fn.train_state import EMA, TrainState, create_loss_scale
 
@@ -51,9 +51,9 @@ def test_loss_falls_over_a_few_dozen_steps():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def overflowing_gradients(grad_fn, images, targets, scale, accumulation_steps):
+def overflowing_gradients(grad_fn, images, targets, scale):
     """A replacement gradient stage that injects an inf, as an fp16 overflow would."""
-    loss, grads = compute_gradients(grad_fn, images, targets, scale, accumulation_steps)
+    loss, grads = compute_gradients(grad_fn, images, targets, scale)
     return loss, (grads[0] + float("inf"),) + tuple(grads[1:])
 
 
@@ -108,9 +108,9 @@ def test_clipping_bounds_the_global_norm():
     norm = global_norm(grads)
     expected = math.sqrt(sum(float((g.asnumpy().astype(np.float64) ** 2).sum()) for g in grads))
     assert float(norm.asnumpy()) == pytest.approx(expected, rel=1e-6)
-    clipped = clip_by_global_norm(grads, norm, 0.5)
+    clipped = clip_by_global_norm(grads, norm, clip_value=0.5)
     assert float(global_norm(clipped).asnumpy()) == pytest.approx(0.5, rel=1e-5)
-    unclipped = clip_by_global_norm(grads, norm, 1e3)
+    unclipped = clip_by_global_norm(grads, norm, clip_value=1e3)
     for a, b in zip(unclipped, grads):
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
 

@@ -5,8 +5,7 @@ import pytest
 from mindspore import nn
 from PIL import Image
 
-from replknet_fn import build_replknet, replknet_tiny
-from replknet_fn import erf, export
+from replknet_fn import build_replknet, erf, export, replknet_tiny
 from replknet_fn.checkpoint import CheckpointError
 from replknet_fn.reparam import reparameterize
 from replknet_fn.weights import load_network_weights

@@ -7,30 +7,17 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
-from replknet_fn.checkpoint import read_checkpoint
 from replknet_fn.demo_data import ensure_demo_dataset
+
 import train_with_func
 import validate_with_func
+from conftest import ROOT, final_weights, run_args
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     return ensure_demo_dataset(tmp_path_factory.mktemp("data") / "shapes", num_train_per_class=6,
                                num_val_per_class=3, image_size=32)
-
-
-def run_args(data_dir, ckpt_dir, *extra):
-    return ["--data_dir", str(data_dir), "--ckpt_save_dir", str(ckpt_dir), "--image_resize", "32",
-            "--batch_size", "8", "--num_parallel_workers", "0", "--epoch_size", "2", "--warmup_epochs", "1",
-            "--decay_epochs", "1", "--drop_path_rate", "0.2", "--ema", "True", "--ema_decay", "0.9",
-            "--tensorboard", "False", "--log_interval", "3", "--mixup", "0.8", "--cutmix", "1.0",
-            "--re_prob", "0.25", "--auto_augment", "randaug-m9-mstd0.5", *extra]
-
-
-def final_weights(ckpt_dir):
-    params, meta = read_checkpoint(ckpt_dir / "replknet_tiny-last.ckpt")
-    return {name: value.asnumpy() for name, value in params.items()}, meta
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import train_with_func
-import validate_with_func
-from conftest import ROOT
 from replknet_fn import augment, convert, data, erf, export, features, predict, replknet_tiny
 from replknet_fn.checkpoint import save_train_state
 from replknet_fn.config import DEFAULTS, TRAIN, VALIDATE, Config, ConfigError, flags_of, parse_config, parse_tool_args
@@ -22,6 +19,10 @@ from replknet_fn.demo_data import ensure_demo_dataset
 from replknet_fn.optim import create_optimizer
 from replknet_fn.train_state import TrainState, create_loss_scale
 from replknet_fn.weights import eval_preprocessing, network_from_checkpoint
+
+import train_with_func
+import validate_with_func
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
