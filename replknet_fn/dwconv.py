@@ -78,6 +78,8 @@ def direct_when_undecided(kernel_size):
 # This process's copy of the verdict files, {isa: {shape key: "direct" or "native"}}, and the shapes logged.
 _verdicts = {}
 _logged = set()
+# True while decide_for runs its shape-recording forward, whose batch-1 shapes are never compiled: not logged.
+_recording_shapes = False
 
 
 def shape_key(batch, channels, height, width, kernel_size):
@@ -134,10 +136,8 @@ def conv_runs(impl, batch, channels, height, width, kernel_size, isa=None):
     random input of that shape (forward+backward: the input and weight gradients of its sum)."""
     x = ms.Tensor(np.random.default_rng(0).standard_normal((batch, channels, height, width)).astype(np.float32))
     net = depthwise_conv(channels, kernel_size, impl, isa=isa)
-
-    @ms.jit
-    def forward(x):
-        return net(x)
+    # The Cell itself jitted: a new @jit function per shape would make MindSpore warn "compiled again" each time.
+    forward = ms.jit(net)
 
     def loss(x):
         return net(x).sum()
@@ -200,7 +200,7 @@ def decide(shape, isa):
 
 
 def log_verdict(isa, key, impl, how):
-    if (isa, key) not in _logged:
+    if not _recording_shapes and (isa, key) not in _logged:
         _logged.add((isa, key))
         log.info("auto depthwise conv %s (%s build): %s (%s)", key, isa, impl, how)
 
@@ -229,12 +229,15 @@ def conv_input_shapes(net, convs, input_shape):
     def record(cell, args):
         shapes[cell] = (input_shape[0], *args[0].shape[1:])
 
+    global _recording_shapes
     handles = [conv.register_forward_pre_hook(record) for conv in convs]
     modes = [(cell, cell.training) for _, cell in net.cells_and_names()]
     try:
+        _recording_shapes = True
         net.set_train(False)
         net(ops.zeros((1, *input_shape[1:]), mstype.float32))
     finally:
+        _recording_shapes = False
         for handle in handles:
             handle.remove()
         for cell, training in modes:  # parents before children: each cell ends with its own mode

@@ -64,7 +64,28 @@ def parameter_groups(net, config):
     return params, decays, scales
 
 
-class AdamW(nn.Cell):
+class PerParameterOptimizer(nn.Cell):
+    """What every optimizer here holds: the parameters, zero-initialised state buffers shaped like them (checkpoint
+    names `<name>.<state>.<parameter>`), a step count `<name>.steps`, and each parameter's weight decay and lr
+    scale. `states` maps an attribute to its state's name, e.g. {"exp_avg": "exp_avg"}."""
+
+    def __init__(self, name, params, weight_decays, lr_scales, states):
+        super().__init__()
+        self.parameters = ParameterTuple(params)
+        for attribute, state in states.items():
+            setattr(self, attribute, self.parameters.clone(prefix=f"{name}.{state}", init="zeros"))
+        self.steps = Parameter(ms.Tensor(0, ms.int32), name=f"{name}.steps", requires_grad=False)
+        self.weight_decays = tuple(float(decay) for decay in weight_decays)
+        self.lr_scales = tuple(float(scale) for scale in lr_scales)
+
+    def count_step(self):
+        """The step count after this step, stored."""
+        steps = self.steps + 1
+        ops.assign(self.steps, steps)
+        return steps
+
+
+class AdamW(PerParameterOptimizer):
     """torch.optim.AdamW (decoupled decay, bias correction).
 
     float32 parameters are updated in place by the one-pass kernel of pointwise.py (torch's formula, written out
@@ -75,13 +96,8 @@ class AdamW(nn.Cell):
     """
 
     def __init__(self, params, weight_decays, lr_scales, betas=(0.9, 0.999), eps=1e-8):
-        super().__init__()
-        self.parameters = ParameterTuple(params)
-        self.exp_avg = self.parameters.clone(prefix="adamw.exp_avg", init="zeros")
-        self.exp_avg_sq = self.parameters.clone(prefix="adamw.exp_avg_sq", init="zeros")
-        self.steps = Parameter(ms.Tensor(0, ms.int32), name="adamw.steps", requires_grad=False)
-        self.weight_decays = tuple(float(decay) for decay in weight_decays)
-        self.lr_scales = tuple(float(scale) for scale in lr_scales)
+        super().__init__("adamw", params, weight_decays, lr_scales,
+                         {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"})
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
         kernel = pointwise.adamw_op() if device.cpu_kernels_enabled() else None
         self.kernel = kernel if all(param.dtype == ms.float32 for param in params) else None
@@ -90,8 +106,7 @@ class AdamW(nn.Cell):
                                    for scale, decay in zip(self.lr_scales, self.weight_decays))
 
     def construct(self, grads, lr):
-        steps = self.steps + 1
-        ops.assign(self.steps, steps)
+        steps = self.count_step()
         count = steps.astype(ms.float32)
         if self.kernel is not None:
             updates = map_each(ops.partial(adamw_kernel_update, self.kernel, ops.stack([lr, count])),
@@ -120,22 +135,16 @@ def adamw_fused_update(beta1, beta2, step_size, eps, decay_factor, lr_scale, wei
                                    weight_decay * decay_factor, grad)
 
 
-class SGD(nn.Cell):
+class SGD(PerParameterOptimizer):
     """torch.optim.SGD with momentum (optionally Nesterov) and coupled weight decay."""
 
     def __init__(self, params, weight_decays, lr_scales, momentum=0.9, nesterov=False):
-        super().__init__()
-        self.parameters = ParameterTuple(params)
-        self.momentum_buffers = self.parameters.clone(prefix="sgd.momentum", init="zeros")
-        self.steps = Parameter(ms.Tensor(0, ms.int32), name="sgd.steps", requires_grad=False)
-        self.weight_decays = tuple(float(decay) for decay in weight_decays)
-        self.lr_scales = tuple(float(scale) for scale in lr_scales)
+        super().__init__("sgd", params, weight_decays, lr_scales, {"momentum_buffers": "momentum"})
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
 
     def construct(self, grads, lr):
         # torch initialises the buffer with the first gradient; from zeros, momentum * 0 + g is the same.
-        steps = self.steps + 1
-        ops.assign(self.steps, steps)
+        steps = self.count_step()
         updates = map_each(ops.partial(sgd_update, self.momentum, self.nesterov, lr), self.lr_scales,
                            self.weight_decays, self.parameters, self.momentum_buffers, grads)
         return ops.depend(steps, updates)
@@ -149,21 +158,15 @@ def sgd_update(momentum, nesterov, lr, lr_scale, weight_decay, param, buffer, gr
     return ops.assign(param, param - lr * lr_scale * update)
 
 
-class Lion(nn.Cell):
+class Lion(PerParameterOptimizer):
     """Lion (Chen et al. 2023): sign of an interpolated momentum, decoupled weight decay."""
 
     def __init__(self, params, weight_decays, lr_scales, betas=(0.9, 0.99)):
-        super().__init__()
-        self.parameters = ParameterTuple(params)
-        self.exp_avg = self.parameters.clone(prefix="lion.exp_avg", init="zeros")
-        self.steps = Parameter(ms.Tensor(0, ms.int32), name="lion.steps", requires_grad=False)
-        self.weight_decays = tuple(float(decay) for decay in weight_decays)
-        self.lr_scales = tuple(float(scale) for scale in lr_scales)
+        super().__init__("lion", params, weight_decays, lr_scales, {"exp_avg": "exp_avg"})
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
 
     def construct(self, grads, lr):
-        steps = self.steps + 1
-        ops.assign(self.steps, steps)
+        steps = self.count_step()
         updates = map_each(ops.partial(lion_update, self.beta1, self.beta2, lr), self.lr_scales, self.weight_decays,
                            self.parameters, self.exp_avg, grads)
         return ops.depend(steps, updates)
