@@ -266,7 +266,8 @@ def main(argv=None):
         log.info("train step compile cache: not used (another train step in this process used it)")
         cache_dir = None
     if cache_dir is not None:
-        log.info("train step compile cache: %s (%s)", cache_dir, "reused" if cache_dir.exists() else "new: compiling")
+        log.info("train step compile cache: %s (%s)", cache_dir, "reused" if cache_dir.exists() else
+                 "new: compiling; MindSpore's two warnings that follow, about a hash file it cannot open, say the same")
         train_step = compile_cache.with_compile_cache(train_step, cache_dir)
     eval_step = make_eval_step(device.mixed_precision(state.net, config.amp_level), config.jit)
     sum_across_ranks = dist.make_sum_across_ranks(world_size)
