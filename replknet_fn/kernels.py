@@ -56,11 +56,20 @@ def cpu_description():
 
 
 def cpu_model():
-    """The CPU's model name (e.g. "Intel(R) Xeon(R) Processor"), for reports."""
-    for line in cpu_description().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    """The CPU's model name with its x86 family and model numbers (e.g. "AMD EPYC (family 26, model 2)"), for
+    reports and auto's verdicts: virtual machines often show only a generic name that two CPU generations share."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def is_x86():
