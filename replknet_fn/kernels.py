@@ -46,24 +46,23 @@ def cache_dir():
 
 
 def cpu_description():
-    """The CPU model and instruction-set flags: what a build's speed and the code it may use depend on."""
+    """The CPU's model name, x86 family and model numbers, and instruction-set flags: what a build's speed and the
+    code it may use depend on (virtual machines often show only a generic model name that two CPU generations
+    share, e.g. "AMD EPYC"; the numbers tell them apart)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return platform.processor() or platform.machine()
-    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
+    wanted = [line for line in lines if line.partition(":")[0].strip() in ("model name", "cpu family", "model",
+                                                                           "flags", "Features")]
     return "\n".join(sorted(set(wanted)))
 
 
 def cpu_model():
     """The CPU's model name with its x86 family and model numbers (e.g. "AMD EPYC (family 26, model 2)"), for
-    reports and auto's verdicts: virtual machines often show only a generic name that two CPU generations share."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
+    reports and auto's verdicts."""
     fields = {}
-    for line in lines:
+    for line in cpu_description().splitlines():
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
     name = fields.get("model name") or platform.processor() or platform.machine()
