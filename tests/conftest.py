@@ -53,7 +53,6 @@ def final_weights(ckpt_dir):
     return {name: value.asnumpy() for name, value in params.items()}, meta
 
 
-
 # ---- helpers of the multi-process tests ------------------------------------------------------------------------
 
 def free_port():

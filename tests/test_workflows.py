@@ -48,16 +48,19 @@ def trained_at_48(shapes, tmp_path_factory):
     return path
 
 
-def validate(args, tmp_path):
+def validate(args, tmp_path, workers="0"):
+    """validate_with_func.main with a results file; `workers=None` keeps the default data workers."""
     results = tmp_path / "results.json"
-    metrics = validate_with_func.main([*args, "--num_parallel_workers", "0", "--results_file", str(results)])
+    workers_flag = [] if workers is None else ["--num_parallel_workers", workers]
+    metrics = validate_with_func.main([*args, *workers_flag, "--results_file", str(results)])
     return metrics, json.loads(results.read_text())
 
 
 # ---- preprocessing comes from the checkpoint, or from the official values per model ---------------------------
 
 def test_a_checkpoint_trained_at_48_validates_at_48_without_its_config(shapes, trained_at_48, tmp_path):
-    metrics, row = validate(["--data_dir", str(shapes), "--ckpt_path", str(trained_at_48)], tmp_path)
+    # The user's command as it stands, default data workers included.
+    metrics, row = validate(["--data_dir", str(shapes), "--ckpt_path", str(trained_at_48)], tmp_path, workers=None)
     assert (row["image_size"], row["crop_pct"], row["interpolation"]) == (48, 0.8, "bilinear")
     explicit, _ = validate(["--data_dir", str(shapes), "--ckpt_path", str(trained_at_48), "--image_resize", "48",
                             "--crop_pct", "0.8", "--interpolation", "bilinear"], tmp_path)
