@@ -16,7 +16,8 @@ TOLERANCE = 1e-5
 FAST_IMPLS = [impl for impl in dwconv.IMPLEMENTATIONS if impl != "native"]
 ISA_LEVELS = kernels.supported_isa_levels()
 
-# (batch, channels, height, width, kernel_size): even and odd sizes, non-square maps, kernels larger than the map.
+# (batch, channels, height, width, kernel_size): even and odd sizes, non-square maps, kernels larger than the map,
+# a batch larger than a vector (a channel's planes in two vectors, the last one partly empty).
 SHAPES = [
     (1, 3, 7, 7, 5),
     (2, 2, 8, 6, 7),
@@ -26,6 +27,7 @@ SHAPES = [
     (2, 4, 14, 14, 27),
     (2, 2, 40, 21, 11),
     (2, 3, 5, 4, 1),
+    (17, 2, 6, 5, 9),
 ]
 
 

@@ -8,16 +8,18 @@
 //
 // The SIMD dimension is the planes: one vector holds the same pixel of kLanes (b, c) planes, so every lane does
 // useful work at any map size, and each multiply-add is a tap that meets a real pixel, up to the edges of a
-// register tile. The kernels copy a vector's planes into one interleaved buffer ([row][column][lane]; the input
-// zero-padded by K // 2, so shifted loads stay in bounds and the padding adds exact zeros), with a vector of
-// per-lane weights for each tap. A work unit is whole channels (one channel and all its batch items, or as many
-// channels as fill a vector when the batch is smaller), so a channel's weight gradient is summed by one thread in
-// a fixed order: results do not depend on the thread count. Units are shared over OpenMP threads.
-//   forward: a tile of output pixels (rows x columns) stays in registers; each tap loads its weight vector once
-//            for the whole tile.
+// register tile. The kernels copy a vector's planes into one interleaved buffer ([row][column][lane], transposed
+// kLanes pixels at a time in registers), with a vector of per-lane weights for each tap. A work unit is whole
+// channels (one channel and all its batch items, or as many channels as fill a vector when the batch is smaller),
+// so a channel's weight gradient is summed by one thread in a fixed order: results do not depend on the thread
+// count. Units are shared over OpenMP threads.
+//   forward: a tile of output pixels (rows x columns) stays in registers, computed by taps (each tap's weight
+//            vector loaded once for the tile, the input zero-padded by K // 2 so that shifted loads stay in bounds
+//            and the padding adds exact zeros) or, where that does fewer multiply-adds (maps no larger than the
+//            kernel's reach), by input pixels (each loaded once for the tile; `forward_tile_by_inputs`).
 //   weight gradient: a tile of taps (kernel rows x columns) stays in registers; each output-gradient vector is
-//            loaded once for the whole tile.
-// Either way a multiply-add reads one vector from memory (the input pixel), which the x86 FMA takes as an operand.
+//            loaded once for the whole tile. Lanes are summed per channel once per unit (`sum_lanes`).
+// Either way a multiply-add reads one vector from memory, which the x86 FMA takes as an operand.
 // Plain C++ with GCC vector extensions: no asm, no intrinsics, so the portable build compiles for any CPU.
 #include <omp.h>
 
@@ -109,37 +111,84 @@ struct GroupPlanes {
   }
 };
 
+// Transposes kLanes x kLanes floats in registers: rows[r][e] becomes rows[e][r]. Each of log2(kLanes) rounds
+// interleaves row i with row i + kLanes / 2, which moves the row index's top bit to the bottom of the element index
+// and the element index's top bit to the bottom of the row index; after all rounds the two indices have swapped.
+// (Vector shuffles: a scalar copy per float cost more than the multiply-adds on small maps, 7x7 at K13.)
+void transpose(Vec rows[kLanes]) {
+  typedef int32_t Index __attribute__((vector_size(kLanes * sizeof(int32_t))));
+#if REPLKNET_LANES == 16
+  const Index low = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+  const Index high = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+#elif REPLKNET_LANES == 8
+  const Index low = {0, 8, 1, 9, 2, 10, 3, 11}, high = {4, 12, 5, 13, 6, 14, 7, 15};
+#elif REPLKNET_LANES == 4
+  const Index low = {0, 4, 1, 5}, high = {2, 6, 3, 7};
+#else
+#error "REPLKNET_LANES must be 4, 8 or 16"
+#endif
+  UNROLLED for (int round = 1; round < kLanes; round *= 2) {
+    Vec interleaved[kLanes];
+    UNROLLED for (int i = 0; i < kLanes / 2; ++i) {
+      interleaved[2 * i] = __builtin_shuffle(rows[i], rows[i + kLanes / 2], low);
+      interleaved[2 * i + 1] = __builtin_shuffle(rows[i], rows[i + kLanes / 2], high);
+    }
+    UNROLLED for (int i = 0; i < kLanes; ++i) rows[i] = interleaved[i];
+  }
+}
+
+// kLanes floats from `from` (aligned to a float only) into a vector, or the first `count` and zeros after them.
+Vec load(const float *from, int count) {
+  Vec v = {};
+  if (count == kLanes)
+    std::memcpy(&v, from, sizeof(Vec));  // a fixed size: one unaligned vector load
+  else
+    std::memcpy(&v, from, count * sizeof(float));
+  return v;
+}
+
+// The first `count` floats of `v` to `to`.
+void store(const Vec &v, int count, float *to) {
+  if (count == kLanes)
+    std::memcpy(to, &v, sizeof(Vec));
+  else
+    std::memcpy(to, &v, count * sizeof(float));
+}
+
 // The inverse of gather without padding: writes each plane of the group whole (a thread writing scattered pixels of
 // planes next to another thread's would share their cache lines).
 void scatter(const Vec *interleaved, const Geometry &g, const GroupPlanes &planes, float *out) {
-  const float *in = reinterpret_cast<const float *>(interleaved);
-  for (int lane = 0; lane < planes.count; ++lane) {
-    float *plane = out + planes.offset[lane];
-    for (int64_t pixel = 0; pixel < g.plane(); ++pixel) plane[pixel] = in[pixel * kLanes + lane];
+  for (int64_t first = 0; first < g.plane(); first += kLanes) {
+    const int pixels = int(std::min<int64_t>(kLanes, g.plane() - first));
+    Vec block[kLanes] = {};
+    for (int k = 0; k < pixels; ++k) block[k] = interleaved[first + k];
+    transpose(block);
+    for (int lane = 0; lane < planes.count; ++lane) store(block[lane], pixels, out + planes.offset[lane] + first);
   }
 }
 
 // Interleaves a group's planes into `out`, rows of `row_length` vectors, pixel (h, w) at (h + pad, w + pad); the
 // lanes past the group's planes get zeros. What lies outside the map in `out` is never written (stays zero).
 void gather(const float *in, const Geometry &g, const GroupPlanes &planes, int pad, int row_length, Vec *out) {
-  for (int h = 0; h < g.height; ++h) {
-    float *row = reinterpret_cast<float *>(out + int64_t(h + pad) * row_length + pad);
-    for (int lane = 0; lane < kLanes; ++lane) {
-      if (lane < planes.count) {
-        const float *source = in + planes.offset[lane] + int64_t(h) * g.width;
-        for (int w = 0; w < g.width; ++w) row[w * kLanes + lane] = source[w];
-      } else {
-        for (int w = 0; w < g.width; ++w) row[w * kLanes + lane] = 0.0f;
-      }
+  int h = 0, w = 0;  // of pixel `first + k` below
+  for (int64_t first = 0; first < g.plane(); first += kLanes) {
+    const int pixels = int(std::min<int64_t>(kLanes, g.plane() - first));
+    Vec block[kLanes] = {};
+    for (int lane = 0; lane < planes.count; ++lane) block[lane] = load(in + planes.offset[lane] + first, pixels);
+    transpose(block);
+    for (int k = 0; k < pixels; ++k) {
+      out[int64_t(h + pad) * row_length + w + pad] = block[k];
+      if (++w == g.width) w = 0, ++h;
     }
   }
 }
 
-// weights[i * K + j] = the tap (i, j) of each lane's channel (flipped in both axes when `flip`); zero past the
-// planes.
+// weights[i * row_length + j] = the tap (i, j) of each lane's channel (flipped in both axes when `flip`); the lanes
+// past the planes hold the first plane's taps (their inputs are zeros and their outputs are never written).
 // A channel's lanes are neighbours (its batch items), so each tap is a few broadcasts merged by lane masks rather
 // than one scalar store per lane (at K13 on 7x7 maps the latter cost a third of the multiply-adds' time).
-void gather_weights(const float *kernel, const Geometry &g, const GroupPlanes &planes, bool flip, Vec *weights) {
+void gather_weights(const float *kernel, const Geometry &g, const GroupPlanes &planes, bool flip, int row_length,
+                    Vec *weights) {
   typedef int32_t Mask __attribute__((vector_size(kLanes * sizeof(int32_t))));
   const int K = g.kernel;
   int run_channel[kLanes], runs = 0;
@@ -148,29 +197,39 @@ void gather_weights(const float *kernel, const Geometry &g, const GroupPlanes &p
     if (lane == 0 || planes.channel[lane] != run_channel[runs - 1]) run_channel[runs++] = planes.channel[lane];
     in_run[runs - 1][lane] = -1;
   }
-  for (int i = 0; i < K; ++i)
-    for (int j = 0; j < K; ++j) {
-      const int tap = flip ? (K - 1 - i) * K + (K - 1 - j) : i * K + j;
-      Vec v = {};
-      for (int run = 0; run < runs; ++run) {
-        const Vec broadcast = Vec{} + kernel[int64_t(run_channel[run]) * K * K + tap];
-        v = in_run[run] ? broadcast : v;
+  // Run by run, each a broadcast per tap merged into the lanes of the run (the first run fills every lane).
+  for (int run = 0; run < runs; ++run) {
+    const float *taps = kernel + int64_t(run_channel[run]) * K * K;
+    const Mask mask = in_run[run];
+    for (int i = 0; i < K; ++i)
+      for (int j = 0; j < K; ++j) {
+        const Vec broadcast = Vec{} + taps[flip ? (K - 1 - i) * K + K - 1 - j : i * K + j];
+        Vec &weight = weights[i * row_length + j];
+        weight = run == 0 ? broadcast : (mask ? broadcast : weight);
       }
-      weights[i * K + j] = v;
-    }
+  }
 }
 
-// Output pixels h0 .. h0 + RH - 1 x w0 .. w0 + RW - 1 of a group. Taps whose rows (columns) meet no real input row
-// (column) of the tile are skipped; the rest read zeros where they leave the map.
+// Two ways to compute a register tile of output pixels h0 .. h0 + RH - 1 x w0 .. w0 + RW - 1 of a group, both one
+// memory operand per multiply-add, which differ in the multiply-adds that meet the map's padding:
+//   by taps: each tap's weight vector is loaded once for the tile, and multiplies the input pixels under it; taps
+//            whose rows (columns) meet no real input row (column) of the tile are skipped, the rest read zeros where
+//            they leave the map. On large maps nearly every multiply-add is real.
+//   by input pixels: each real input pixel the tile sees is loaded once, and multiplies the taps that join it to
+//            each output of the tile. On a map no larger than the kernel's reach (every output sees every input:
+//            7x7 at K13, 14x14 at K27) every multiply-add is real, where by taps a 4x4 tile does ~2x too many.
+// `weights` points at tap (0, 0) of rows `weight_row` vectors long; by input pixels it reads the taps around the
+// kernel too, up to RH - 1 rows and RW - 1 columns away, which hold zeros (`PaddedWeights`).
 template <int RH, int RW>
-void forward_tile(const Vec *padded, const Vec *weights, const Geometry &g, int h0, int w0, Vec *out) {
+void forward_tile_by_taps(const Vec *padded, const Vec *weights, int weight_row, const Geometry &g, int h0, int w0,
+                          Vec *out) {
   Vec acc[RH][RW] = {};
   const int K = g.kernel, p = g.pad, row_length = g.padded_width;
   const int i_first = std::max(0, p - h0 - RH + 1), i_last = std::min(K - 1, g.height - 1 + p - h0);
   const int j_first = std::max(0, p - w0 - RW + 1), j_last = std::min(K - 1, g.width - 1 + p - w0);
   for (int i = i_first; i <= i_last; ++i) {
     const Vec *in = padded + int64_t(h0 + i) * row_length + w0;  // padded row h0 + i is input row h0 + i - p
-    const Vec *tap = weights + i * K;
+    const Vec *tap = weights + i * weight_row;
     for (int j = j_first; j <= j_last; ++j) {
       const Vec weight = tap[j];
       UNROLLED for (int a = 0; a < RH; ++a)
@@ -181,41 +240,109 @@ void forward_tile(const Vec *padded, const Vec *weights, const Geometry &g, int 
     UNROLLED for (int b = 0; b < RW; ++b) out[int64_t(h0 + a) * g.width + w0 + b] = acc[a][b];
 }
 
-using ForwardTile = void (*)(const Vec *, const Vec *, const Geometry &, int, int, Vec *);
-
-template <int RH, int... RWs>
-constexpr std::array<ForwardTile, kTileColumns> forward_row(std::integer_sequence<int, RWs...>) {
-  return {&forward_tile<RH, RWs + 1>...};
+template <int RH, int RW>
+void forward_tile_by_inputs(const Vec *x, const Vec *weights, int weight_row, const Geometry &g, int h0, int w0,
+                            Vec *out) {
+  Vec acc[RH][RW] = {};
+  const int p = g.pad;
+  const int h_first = std::max(0, h0 - p), h_last = std::min(g.height - 1, h0 + RH - 1 + p);
+  const int w_first = std::max(0, w0 - p), w_last = std::min(g.width - 1, w0 + RW - 1 + p);
+  for (int h = h_first; h <= h_last; ++h) {
+    // Input (h, w) meets output (h0 + a, w0 + b) at tap (h - h0 - a + p, w - w0 - b + p).
+    const Vec *taps = weights + (h - h0 + p) * weight_row - w0 + p;
+    const Vec *in = x + int64_t(h) * g.width;
+    for (int w = w_first; w <= w_last; ++w) {
+      const Vec pixel = in[w];
+      UNROLLED for (int a = 0; a < RH; ++a)
+        UNROLLED for (int b = 0; b < RW; ++b) acc[a][b] += pixel * taps[w - a * weight_row - b];
+    }
+  }
+  UNROLLED for (int a = 0; a < RH; ++a)
+    UNROLLED for (int b = 0; b < RW; ++b) out[int64_t(h0 + a) * g.width + w0 + b] = acc[a][b];
 }
 
-template <int... RHs>
-constexpr std::array<std::array<ForwardTile, kTileColumns>, kTileRows> forward_tables(
-    std::integer_sequence<int, RHs...>) {
-  return {forward_row<RHs + 1>(std::make_integer_sequence<int, kTileColumns>())...};
+// Tables of a tile function's instances for every tile up to kTileRows x kTileColumns: table[rows - 1][columns - 1].
+template <class Family, int RH, int... RWs>
+constexpr auto tile_row(std::integer_sequence<int, RWs...>) {
+  return std::array{Family::template tile<RH, RWs + 1>()...};
 }
 
-// forward_table[RH - 1][RW - 1]
-const auto forward_table = forward_tables(std::make_integer_sequence<int, kTileRows>());
+template <class Family, int... RHs>
+constexpr auto tile_table(std::integer_sequence<int, RHs...>) {
+  return std::array{tile_row<Family, RHs + 1>(std::make_integer_sequence<int, kTileColumns>())...};
+}
+
+template <class Family>
+constexpr auto tile_table() { return tile_table<Family>(std::make_integer_sequence<int, kTileRows>()); }
+
+struct ByTaps {
+  template <int RH, int RW> static constexpr auto tile() { return &forward_tile_by_taps<RH, RW>; }
+};
+struct ByInputs {
+  template <int RH, int RW> static constexpr auto tile() { return &forward_tile_by_inputs<RH, RW>; }
+};
+const auto forward_by_taps = tile_table<ByTaps>();
+const auto forward_by_inputs = tile_table<ByInputs>();
+
+// The start of each tile of a map dimension of `size`, tiles of at most `most`.
+std::vector<int> tile_starts(int size, int most) {
+  std::vector<int> starts;
+  for (int start = 0; start < size; start += balanced_block(0, size - 1, most)) starts.push_back(start);
+  return starts;
+}
+
+// Multiply-adds per vector along one dimension (rows or columns) of the output, by taps or by input pixels: the
+// other dimension multiplies it, so the two ways compare dimension by dimension.
+int64_t multiply_adds(int size, int kernel, int most, bool by_inputs) {
+  const int p = kernel / 2, block = balanced_block(0, size - 1, most);
+  int64_t total = 0;
+  for (int start : tile_starts(size, most)) {
+    const int tile = std::min(block, size - start);
+    const int reach = by_inputs ? std::min(size - 1, start + tile - 1 + p) - std::max(0, start - p)
+                                : std::min(kernel - 1, size - 1 + p - start) - std::max(0, p - start - tile + 1);
+    total += int64_t(reach + 1) * tile;
+  }
+  return total;
+}
+
+// A group's weights with the zero border that forward_tile_by_inputs reads: `origin` is tap (0, 0).
+struct PaddedWeights {
+  int row_length;
+  std::vector<Vec> storage;
+  Vec *origin;
+  explicit PaddedWeights(int kernel)
+      : row_length(kernel + 2 * (kTileColumns - 1)),
+        storage(int64_t(kernel + 2 * (kTileRows - 1)) * row_length, Vec{}),
+        origin(storage.data() + (kTileRows - 1) * row_length + kTileColumns - 1) {}
+};
 
 // out[b, c] = conv(in[b, c], kernel[c]) (kernel flipped in both axes when `flip`), for all b, c.
 void convolve(const float *in, const float *kernel, float *out, const Geometry &g, bool flip) {
   const int tile_rows = balanced_block(0, g.height - 1, kTileRows);
   const int tile_columns = balanced_block(0, g.width - 1, kTileColumns);
+  const bool by_inputs = multiply_adds(g.height, g.kernel, kTileRows, true) *
+                             multiply_adds(g.width, g.kernel, kTileColumns, true) <
+                         multiply_adds(g.height, g.kernel, kTileRows, false) *
+                             multiply_adds(g.width, g.kernel, kTileColumns, false);
+  const auto &table = by_inputs ? forward_by_inputs : forward_by_taps;
+  // By taps the input is read zero-padded by K // 2, by input pixels as it is.
+  const int pad = by_inputs ? 0 : g.pad, row_length = g.width + 2 * pad;
 #pragma omp parallel num_threads(threads_for(g))
   {
-    std::vector<Vec> padded(int64_t(g.padded_height) * g.padded_width, Vec{});
-    std::vector<Vec> weights(g.kernel * g.kernel), interleaved_out(g.plane());
+    std::vector<Vec> input(int64_t(g.height + 2 * pad) * row_length, Vec{}), interleaved_out(g.plane());
+    PaddedWeights weights(g.kernel);
 #pragma omp for schedule(dynamic, 1)
     for (int u = 0; u < g.units(); ++u) {
       const Unit unit(g, u);
       for (int group = 0; group < unit.groups; ++group) {
         const GroupPlanes planes(g, unit, group);
-        gather(in, g, planes, g.pad, g.padded_width, padded.data());
-        gather_weights(kernel, g, planes, flip, weights.data());
+        gather(in, g, planes, pad, row_length, input.data());
+        gather_weights(kernel, g, planes, flip, weights.row_length, weights.origin);
         for (int h0 = 0; h0 < g.height; h0 += tile_rows)
           for (int w0 = 0; w0 < g.width; w0 += tile_columns) {
             const int rows = std::min(tile_rows, g.height - h0), columns = std::min(tile_columns, g.width - w0);
-            forward_table[rows - 1][columns - 1](padded.data(), weights.data(), g, h0, w0, interleaved_out.data());
+            table[rows - 1][columns - 1](input.data(), weights.origin, weights.row_length, g, h0, w0,
+                                         interleaved_out.data());
           }
         scatter(interleaved_out.data(), g, planes, out);
       }
@@ -223,12 +350,11 @@ void convolve(const float *in, const float *kernel, float *out, const Geometry &
   }
 }
 
-// Taps i0 .. i0 + RI - 1 x j0 .. j0 + RJ - 1 of a group's weight gradient, summed over its output pixels, added per
-// lane to dweight of the lane's channel. Output rows (columns) whose taps of the tile meet no real input are
-// skipped; the rest read zeros where they leave the map.
+// Taps i0 .. i0 + RI - 1 x j0 .. j0 + RJ - 1 of a group's weight gradient, summed over its output pixels and added
+// to lane_sums[i * K + j] (per lane). Output rows (columns) whose taps of the tile meet no real input are skipped;
+// the rest read zeros where they leave the map.
 template <int RI, int RJ>
-void weight_grad_tile(const Vec *padded_x, const Vec *dy, const Geometry &g, const GroupPlanes &planes,
-                      int first_channel, int i0, int j0, float *unit_dweight) {
+void weight_grad_tile(const Vec *padded_x, const Vec *dy, const Geometry &g, int i0, int j0, Vec *lane_sums) {
   Vec acc[RI][RJ] = {};
   const int p = g.pad, row_length = g.padded_width;
   const int h_first = std::max(0, p - i0 - RI + 1), h_last = std::min(g.height - 1, g.height - 1 + p - i0);
@@ -243,32 +369,37 @@ void weight_grad_tile(const Vec *padded_x, const Vec *dy, const Geometry &g, con
         UNROLLED for (int b = 0; b < RJ; ++b) acc[a][b] += gradient * x[a * row_length + b + w];
     }
   }
-  const int K = g.kernel;
-  float sums[RI][RJ][kLanes];
-  std::memcpy(sums, acc, sizeof(sums));
-  for (int lane = 0; lane < planes.count; ++lane) {
-    float *dw = unit_dweight + int64_t(planes.channel[lane] - first_channel) * K * K;
-    for (int a = 0; a < RI; ++a)
-      for (int b = 0; b < RJ; ++b) dw[(i0 + a) * K + j0 + b] += sums[a][b][lane];
+  UNROLLED for (int a = 0; a < RI; ++a)
+    UNROLLED for (int b = 0; b < RJ; ++b) lane_sums[(i0 + a) * g.kernel + j0 + b] += acc[a][b];
+}
+
+struct WeightGradTiles {
+  template <int RI, int RJ> static constexpr auto tile() { return &weight_grad_tile<RI, RJ>; }
+};
+const auto weight_grad_table = tile_table<WeightGradTiles>();
+
+// Adds up the lanes of each channel of a unit in lane_sums (K * K taps, per lane) and writes the sums to its
+// channels' taps in dweight: kLanes taps at a time, transposed so that a lane's taps are one vector. A unit's lanes
+// are one channel's batch items (lanes past the planes sum to zero), or, when the batch is smaller than a vector,
+// those of its only group, `planes`.
+void sum_lanes(const Vec *lane_sums, const Geometry &g, const GroupPlanes &planes, float *dweight) {
+  const int taps = g.kernel * g.kernel;
+  for (int first = 0; first < taps; first += kLanes) {
+    const int count = std::min(kLanes, taps - first);
+    Vec block[kLanes] = {};
+    for (int k = 0; k < count; ++k) block[k] = lane_sums[first + k];
+    transpose(block);
+    Vec sum = block[0];
+    for (int lane = 1; lane <= planes.count; ++lane) {
+      if (lane == planes.count || planes.channel[lane] != planes.channel[lane - 1]) {
+        store(sum, count, dweight + int64_t(planes.channel[lane - 1]) * taps + first);
+        if (lane < planes.count) sum = block[lane];
+      } else {
+        sum += block[lane];
+      }
+    }
   }
 }
-
-using WeightGradTile = void (*)(const Vec *, const Vec *, const Geometry &, const GroupPlanes &, int, int, int,
-                               float *);
-
-template <int RI, int... RJs>
-constexpr std::array<WeightGradTile, kTileColumns> weight_grad_row(std::integer_sequence<int, RJs...>) {
-  return {&weight_grad_tile<RI, RJs + 1>...};
-}
-
-template <int... RIs>
-constexpr std::array<std::array<WeightGradTile, kTileColumns>, kTileRows> weight_grad_tables(
-    std::integer_sequence<int, RIs...>) {
-  return {weight_grad_row<RIs + 1>(std::make_integer_sequence<int, kTileColumns>())...};
-}
-
-// weight_grad_table[RI - 1][RJ - 1]
-const auto weight_grad_table = weight_grad_tables(std::make_integer_sequence<int, kTileRows>());
 
 void weight_grad(const float *x, const float *dy, float *dweight, const Geometry &g) {
   const int K = g.kernel, p = g.pad;
@@ -280,13 +411,11 @@ void weight_grad(const float *x, const float *dy, float *dweight, const Geometry
 #pragma omp parallel num_threads(threads_for(g))
   {
     std::vector<Vec> padded_x(int64_t(g.padded_height) * g.padded_width, Vec{});
-    std::vector<Vec> interleaved_dy(g.plane());
-    // The unit's weight gradients, summed here and written once (not added into memory other threads write next to).
-    std::vector<float> unit_dweight(int64_t(g.channels_per_unit) * K * K);
+    std::vector<Vec> interleaved_dy(g.plane()), lane_sums(K * K);
 #pragma omp for schedule(dynamic, 1)
     for (int u = 0; u < g.units(); ++u) {
       const Unit unit(g, u);
-      std::fill(unit_dweight.begin(), unit_dweight.end(), 0.0f);
+      std::fill(lane_sums.begin(), lane_sums.end(), Vec{});
       for (int group = 0; group < unit.groups; ++group) {
         const GroupPlanes planes(g, unit, group);
         gather(x, g, planes, p, g.padded_width, padded_x.data());
@@ -295,12 +424,11 @@ void weight_grad(const float *x, const float *dy, float *dweight, const Geometry
           for (int j0 = col_first; j0 <= col_last; j0 += tile_columns) {
             const int rows = std::min(tile_rows, row_last + 1 - i0);
             const int columns = std::min(tile_columns, col_last + 1 - j0);
-            weight_grad_table[rows - 1][columns - 1](padded_x.data(), interleaved_dy.data(), g, planes,
-                                                     unit.first_channel, i0, j0, unit_dweight.data());
+            weight_grad_table[rows - 1][columns - 1](padded_x.data(), interleaved_dy.data(), g, i0, j0,
+                                                     lane_sums.data());
           }
       }
-      std::copy(unit_dweight.begin(), unit_dweight.begin() + int64_t(unit.channels) * K * K,
-                dweight + int64_t(unit.first_channel) * K * K);
+      sum_lanes(lane_sums.data(), g, GroupPlanes(g, unit, 0), dweight);
     }
   }
 }
