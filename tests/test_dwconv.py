@@ -295,3 +295,23 @@ def test_decide_for_finds_each_conv_input_shape_and_construct_follows_the_verdic
 
     net.small.direct = fail
     net(random_tensor(np.random.default_rng(5), (3, 4, 8, 8)))  # large: direct; small: native
+
+
+def flatten(result):
+    if isinstance(result, (tuple, list)):
+        return [leaf for item in result for leaf in flatten(item)]
+    return [result.asnumpy()]
+
+
+def test_what_auto_times_is_the_conv_and_its_gradients_for_an_output_gradient():
+    shape = (2, 3, 7, 7, 13)
+    results = {}
+    for impl in ("direct", "native"):
+        ms.set_seed(0)  # the same initial weights for both
+        runs = dwconv.conv_runs(impl, *shape)
+        results[impl] = {mode: flatten(run()) for mode, run in runs.items()}
+    for mode, names in [("forward", ["output"]), ("forward_backward", ["output", "input grad", "weight grad"])]:
+        direct, native = results["direct"][mode], results["native"][mode]
+        assert len(direct) == len(native) == len(names), mode
+        for name, got, want in zip(names, direct, native):
+            assert relative_error(got, want) < TOLERANCE, (mode, name)
