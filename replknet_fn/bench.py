@@ -10,11 +10,12 @@ Every subcommand first prints the machine it runs on (CPU model, the kernel buil
 float32 matmul rate measured in the same run (numpy sgemm, 2048^3), the yardstick for the other rates.
 
 `dwconv` times the large depthwise conv alone against the native MindSpore conv, forward and forward+backward
-(input and weight gradients for a given output gradient, as in training; no loss), jitted, at the RepLKNet-31B stage shapes (kernel, map size, channels at 224 input)
-or at the `--shape`s given, with the direct kernel of each ISA level build given (`--isa`, default: all this CPU
-runs). Rates count the multiply-adds of taps that meet real pixels (2 flops each; forward+backward: 3 times the
-forward's, for the forward, input and weight gradients), as GFLOP/s and as a fraction of the matmul rate timed
-between the convs of the same shape (so that both see the same load).
+(input and weight gradients for a given output gradient, as in training; no loss), jitted, at the RepLKNet-31B stage
+shapes (kernel, map size, channels at 224 input) or at the `--shape`s given, with the direct kernel of each ISA
+level build given (`--isa`, default: all this CPU runs). Rates count the multiply-adds of taps that meet real
+pixels (2 flops each; forward+backward: 3 times the forward's, for the forward, input and weight gradients), as
+GFLOP/s and as a fraction of the matmul rate timed between the convs of the same shape (so that both see the same
+load).
 
 `step` builds the project's real train step (step.make_train_step on a TrainState, with the training defaults of
 config.py) and reports the time from build to the first step done (compilation included) and from process start;
