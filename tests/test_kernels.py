@@ -119,3 +119,18 @@ def test_adamw_follows_torch_in_place(isa):
         m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
         expected -= lr * (m / (1 - beta1 ** step)) / (np.sqrt(v / (1 - beta2 ** step)) + eps)
     np.testing.assert_allclose(param.asnumpy(), expected, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+def test_scale_samples_scales_each_sample_and_its_gradient_by_its_factor(isa):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 7, 9)).astype(np.float32)  # 315 floats per sample: not a multiple of any width
+    k = np.array([0.0, 1.25, 2.5], np.float32)
+    dout = rng.standard_normal(x.shape).astype(np.float32)
+    scale = pointwise.scale_samples_op(isa)
+    expected = x * k[:, None, None, None]
+    np.testing.assert_array_equal(scale(ms.Tensor(x), ms.Tensor(k)).asnumpy(), expected)
+    grad_x, grad_k = ms.grad(lambda a, b: (scale(a, b) * ms.Tensor(dout)).sum(), grad_position=(0, 1))(
+        ms.Tensor(x), ms.Tensor(k))
+    np.testing.assert_array_equal(grad_x.asnumpy(), dout * k[:, None, None, None])
+    np.testing.assert_array_equal(grad_k.asnumpy(), np.zeros(3, np.float32))  # a mask: a constant of the step

@@ -111,6 +111,29 @@ def test_drop_path_rates_rise_linearly_and_are_shared_by_each_pair():
     np.testing.assert_allclose(rates, expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_drop_path_by_kernel_is_the_masked_multiply_forward_and_backward(jit):
+    """DropPath scales by the compiled per-sample kernel where it can (pointwise.scale_samples_op); values and the
+    input gradient are those of timm's `x * mask`, eagerly and jitted."""
+    from replknet_fn.model import DropPath, hash_uniform, set_drop_path_seed
+    cell = DropPath(0.5, index=3)
+    assert cell.kernel is not None
+    cell.set_train(True)
+    set_drop_path_seed(cell, 11)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 3, 4, 5)).astype(np.float32)
+    dout = rng.standard_normal(x.shape).astype(np.float32)
+    mask = np.floor(0.5 + hash_uniform(ms.Tensor(11, ms.int32), 3, 8).asnumpy()) / 0.5
+    assert 0 < np.count_nonzero(mask) < 8  # both kept and dropped samples
+
+    def loss(t):
+        return (cell(t) * ms.Tensor(dout)).sum()
+
+    forward, grad = (ms.jit(cell), ms.jit(ms.grad(loss))) if jit else (cell, ms.grad(loss))
+    np.testing.assert_array_equal(forward(ms.Tensor(x)).asnumpy(), x * mask[:, None, None, None])
+    np.testing.assert_array_equal(grad(ms.Tensor(x)).asnumpy(), dout * mask[:, None, None, None])
+
+
 def test_out_indices_return_normalized_stage_features():
     net = build_replknet([7, 5, 5], [1, 1, 1], [8, 16, 32], num_classes=None, out_indices=[0, 2],
                          norm_intermediate_features=True)

@@ -2,6 +2,7 @@
 //   gelu_forward   (x)      -> y    y = x Phi(x) = x / 2 (1 + erf(x / sqrt 2))      exact GELU (torch's default)
 //   gelu_backward  (x, dy)  -> dx   dx = dy (Phi(x) + x phi(x)),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
 //   squared_sum    (x)      -> s    s = sum of x^2 (a scalar)
+//   scale_samples  (x, k)   -> y    y[b, ...] = x[b, ...] k[b]        drop path's per-sample mask, and its gradient
 //   adamw_update   (param, exp_avg, exp_avg_sq, grad, step_hyper, param_hyper) -> step_hyper
 //                  torch.optim.AdamW in place on param, exp_avg, exp_avg_sq; step_hyper = [lr, step],
 //                  param_hyper = [lr scale, weight decay, beta1, beta2, eps]
@@ -133,6 +134,23 @@ extern "C" int squared_sum(int nparam, void **params, int *ndims, int64_t **shap
     for (int lane = 0; lane < kLanes; ++lane) total += lanes[lane];
   }
   *static_cast<float *>(params[1]) = static_cast<float>(total);
+  return 0;
+}
+
+extern "C" int scale_samples(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                             void *) {
+  if (nparam != 3 || !all_float32(nparam, dtypes) || ndims[0] < 1 || ndims[1] != 1 || shapes[1][0] != shapes[0][0])
+    return 1;
+  const int64_t samples = shapes[0][0], per_sample = element_count(ndims[0] - 1, shapes[0] + 1);
+  const float *x = static_cast<const float *>(params[0]);
+  const float *k = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  for (int64_t b = 0; b < samples; ++b) {
+    const float factor = k[b];
+    const float *from = x + b * per_sample;
+    float *to = y + b * per_sample;
+    for (int64_t i = 0; i < per_sample; ++i) to[i] = from[i] * factor;
+  }
   return 0;
 }
 
