@@ -40,7 +40,7 @@ X86_REQUIRED_FLAGS = {
 # -fno-math-errno lets sqrt vectorize (nothing here reads errno; pointwise.cc's AdamW, BENCHMARKS.md).
 # -fno-trapping-math lets a loop with a branch (GELU's clamp of erf's argument) vectorize without AVX-512's masks:
 # computing both sides may raise floating-point exception flags, which nothing here reads. Without it the AVX2 and
-# portable builds ran GELU element by element, 4-10x slower than the AVX-512 build (BENCHMARKS.md, Zen 4).
+# portable builds ran GELU element by element, ~10x slower than the AVX-512 build (BENCHMARKS.md, Zen 4).
 COMMON_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 
