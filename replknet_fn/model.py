@@ -9,7 +9,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from replknet_fn import device, dwconv, pointwise
+from replknet_fn import batchnorm, device, dwconv, pointwise
 from replknet_fn.parameters import write_parameter
 
 # Official `get_bn`: nn.BatchNorm2d defaults, eps 1e-5 and PyTorch momentum 0.1 (= MindSpore momentum 0.9).
@@ -18,7 +18,8 @@ BN_MOMENTUM = 0.9
 
 
 def batch_norm(channels):
-    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+    """nn.BatchNorm2d with the official settings, trained by compiled kernels on CPU (batchnorm.py)."""
+    return batchnorm.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
 def conv2d(in_channels, out_channels, kernel_size, stride=1, groups=1, has_bias=False):
@@ -34,13 +35,14 @@ class ConvBN(nn.Cell):
         super().__init__()
         self.conv = conv
         self.bn = batch_norm(channels)
-        self.relu = nn.ReLU() if relu else None
+        self.relu = relu
 
     def construct(self, x):
-        x = self.bn(self.conv(x))
-        if self.relu is not None:
-            x = self.relu(x)
-        return x
+        x = self.conv(x)
+        if self.relu and isinstance(self.bn, batchnorm.BatchNorm2d):  # not when AMP has wrapped it
+            return self.bn.forward_relu(x)  # one kernel for BN and ReLU in training
+        x = self.bn(x)
+        return ops.relu(x) if self.relu else x
 
 
 def conv_bn(in_channels, out_channels, kernel_size, stride=1, groups=1):

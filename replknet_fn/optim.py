@@ -5,7 +5,8 @@
 weight decay and an lr scale (layer-wise decay), fixed at construction.
 
 Each optimizer maps a per-parameter update over all parameters with `ops.HyperMap`: a Python loop over RepLKNet-31B's
-562 parameters exceeds MindSpore's call-depth limit under jit (see step.py).
+562 parameters exceeds MindSpore's call-depth limit under jit (see step.py). AdamW's compiled kernel is one op over
+all parameters instead.
 """
 import math
 
@@ -89,9 +90,9 @@ class AdamW(PerParameterOptimizer):
     """torch.optim.AdamW (decoupled decay, bias correction).
 
     float32 parameters are updated in place by the one-pass kernel of pointwise.py (torch's formula, written out
-    in csrc/pointwise.cc). Without it (no C++ compiler), by MindSpore's fused `AdamWeightDecay` kernel, which
-    computes p -= a * (m / (sqrt(v) + e) + d * p) without bias correction; torch's update
-    p -= lr * wd * p + lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps) is the same with a = lr * sqrt(bc2) / bc1,
+    in csrc/pointwise.cc), one op for all of them. Without it (no C++ compiler), by MindSpore's fused
+    `AdamWeightDecay` kernel, which computes p -= a * (m / (sqrt(v) + e) + d * p) without bias correction; torch's
+    update p -= lr * wd * p + lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps) is the same with a = lr * sqrt(bc2) / bc1,
     e = eps * sqrt(bc2) and d = wd * bc1 / sqrt(bc2).
     """
 
@@ -99,19 +100,19 @@ class AdamW(PerParameterOptimizer):
         super().__init__("adamw", params, weight_decays, lr_scales,
                          {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"})
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
-        kernel = pointwise.adamw_op() if device.cpu_kernels_enabled() else None
-        self.kernel = kernel if all(param.dtype == ms.float32 for param in params) else None
-        # The kernel's per-parameter constants, as graph constants.
-        self.kernel_hypers = tuple(ms.Tensor([scale, decay, self.beta1, self.beta2, self.eps], ms.float32)
-                                   for scale, decay in zip(self.lr_scales, self.weight_decays))
+        uses_kernel = device.cpu_kernels_enabled() and params and all(param.dtype == ms.float32 for param in params)
+        self.kernel = pointwise.adamw_op(len(params)) if uses_kernel else None
+        # The kernel's per-parameter constants, one row per parameter, a graph constant.
+        self.kernel_hypers = ms.Tensor([[scale, decay, self.beta1, self.beta2, self.eps]
+                                        for scale, decay in zip(self.lr_scales, self.weight_decays)], ms.float32)
 
     def construct(self, grads, lr):
         steps = self.count_step()
         count = steps.astype(ms.float32)
         if self.kernel is not None:
-            updates = map_each(ops.partial(adamw_kernel_update, self.kernel, ops.stack([lr, count])),
-                               self.kernel_hypers, self.parameters, self.exp_avg, self.exp_avg_sq, grads)
-            return ops.depend(steps, updates)
+            update = self.kernel(*self.parameters, *self.exp_avg, *self.exp_avg_sq, *grads, ops.stack([lr, count]),
+                                 self.kernel_hypers)
+            return ops.depend(steps, update)
         bias_correction1 = 1.0 - ops.pow(self.beta1, count)
         root_bias_correction2 = ops.sqrt(1.0 - ops.pow(self.beta2, count))
         step_size = lr * root_bias_correction2 / bias_correction1
@@ -120,10 +121,6 @@ class AdamW(PerParameterOptimizer):
         updates = map_each(ops.partial(adamw_fused_update, self.beta1, self.beta2, step_size, eps, decay_factor),
                            self.lr_scales, self.weight_decays, self.parameters, self.exp_avg, self.exp_avg_sq, grads)
         return ops.depend(steps, updates)
-
-
-def adamw_kernel_update(kernel, step_hyper, param_hyper, param, exp_avg, exp_avg_sq, grad):
-    return kernel(param, exp_avg, exp_avg_sq, grad, step_hyper, param_hyper)
 
 
 fused_adam_weight_decay = ops.AdamWeightDecay()

@@ -1,10 +1,12 @@
-"""Exact GELU, drop path's per-sample scaling and the AdamW update as compiled one-pass kernels
-(`csrc/pointwise.cc`), built by kernels.py.
+"""Exact GELU, drop path's per-sample scaling, and the global norm, gradient scaling and AdamW update (each one op
+over all parameters) as compiled one-pass kernels (`csrc/pointwise.cc`), built by kernels.py.
 
 Measured on RepLKNet-31B (batch 4 @224, 2 shared cores): MindSpore builds the exact (erf) GELU and its gradient from
 ~10 primitives, 1.4 s of a 6.5 s train step; its fused AdamWeightDecay kernel takes ~0.4-0.8 s over the 80M
 parameters. Each op here is None when the library cannot be built (no compiler): callers then use MindSpore's ops.
 """
+import functools
+
 from mindspore import ops
 from mindspore.ops import signature as sig
 
@@ -16,14 +18,6 @@ SOURCE = kernels.SOURCE_DIR / "pointwise.cc"
 
 def library(isa):
     return kernels.compiled_library(SOURCE, isa, "exact GELU and AdamW use MindSpore's slower ops")
-
-
-def fifth_shape(*shapes):
-    return shapes[4]
-
-
-def fifth_dtype(*dtypes):
-    return dtypes[4]
 
 
 @kernels.per_isa_level
@@ -62,32 +56,61 @@ def scalar_shape(*_):
     return []
 
 
+def all_but_last(*values):
+    return list(values[:-1])
+
+
 @kernels.per_isa_level
 def squared_sum_op(isa):
-    """x -> sum of x^2, a float32 scalar (float32 input); None without a library."""
+    """(x_1, ..., x_n) -> the sum of squares of every element of every x_t, a float32 scalar (float32 inputs): the
+    global norm's sum over all gradients in one op. None without a library."""
     path = library(isa)
     return None if path is None else ops.Custom(f"{path}:squared_sum", scalar_shape, same_dtype,
                                                 func_type="aot")
 
 
+@kernels.per_isa_level
+def scale_all_op(isa):
+    """(x_1, ..., x_n, k) -> (x_1 k, ..., x_n k) for a float32 scalar k (float32 inputs): unscaling or clipping all
+    gradients in one op. None without a library."""
+    path = library(isa)
+    return None if path is None else ops.Custom(f"{path}:scale_all", all_but_last, all_but_last, func_type="aot")
+
+
 class InPlaceUpdate(ops.Custom):
-    """A custom op that writes its first three inputs in place. They are declared written (RW_WRITE) with a memory
-    side effect, as MindSpore's own optimizer ops are, so graphs order the op after every earlier read of those
-    Parameters and before every later one."""
+    """A custom op that writes the first `3 count` of its inputs in place (AdamW's parameters and two state
+    buffers, `count` of each). They are declared written (RW_WRITE) with a memory side effect, as MindSpore's own
+    optimizer ops are, so graphs order the op after every earlier read of those Parameters and before every later
+    one. MindSpore reads the signature from the class: `in_place_update` makes a class per count."""
 
-    __mindspore_signature__ = (
-        sig.make_sig("param", sig.sig_rw.RW_WRITE), sig.make_sig("exp_avg", sig.sig_rw.RW_WRITE),
-        sig.make_sig("exp_avg_sq", sig.sig_rw.RW_WRITE), sig.make_sig("grad"), sig.make_sig("step_hyper"),
-        sig.make_sig("param_hyper"))
+    def __init__(self, function, count):
+        def output_shape(*shapes):
+            return shapes[4 * count]  # step_hyper's
 
-    def __init__(self, function):
-        super().__init__(function, fifth_shape, fifth_dtype, func_type="aot")
+        def output_dtype(*dtypes):
+            return dtypes[4 * count]
+
+        super().__init__(function, output_shape, output_dtype, func_type="aot")
         self.add_prim_attr("side_effect_mem", True)
 
 
-@kernels.per_isa_level
-def adamw_op(isa):
-    """(param, exp_avg, exp_avg_sq, grad, [lr, step], [lr scale, weight decay, beta1, beta2, eps]) -> [lr, step],
-    torch.optim.AdamW applied in place (float32); None without a library."""
+def in_place_update(function, count):
+    written = [sig.make_sig(f"{name}_{t}", sig.sig_rw.RW_WRITE) for name in ("param", "exp_avg", "exp_avg_sq")
+               for t in range(count)]
+    read = [sig.make_sig(f"grad_{t}") for t in range(count)] + [sig.make_sig("step_hyper"),
+                                                                  sig.make_sig("param_hypers")]
+    cls = type(f"InPlaceUpdate{count}", (InPlaceUpdate,), {"__mindspore_signature__": tuple(written + read)})
+    return cls(function, count)
+
+
+def adamw_op(count, isa=None):
+    """(param_1..n, exp_avg_1..n, exp_avg_sq_1..n, grad_1..n, [lr, step], param_hypers) -> [lr, step] for n =
+    `count` float32 parameters: torch.optim.AdamW applied in place to all of them in one op, param_hypers (n, 5)
+    holding each parameter's [lr scale, weight decay, beta1, beta2, eps]. None without a library."""
+    return adamw_op_at(count, kernels.isa_level() if isa is None else isa)
+
+
+@functools.lru_cache(maxsize=None)
+def adamw_op_at(count, isa):
     path = library(isa)
-    return None if path is None else InPlaceUpdate(f"{path}:adamw_update")
+    return None if path is None else in_place_update(f"{path}:adamw_update", count)

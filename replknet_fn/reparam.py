@@ -97,7 +97,7 @@ def fold_conv_bn(conv_bn, pre_scale=None, pre_shift=None):
     old = conv_bn.conv
     conv = conv2d(old.in_channels, old.out_channels, old.kernel_size[0], old.stride[0], old.group, has_bias=True)
     set_weights(conv, kernel, bias)
-    return ConvBias(conv, relu=conv_bn.relu is not None)
+    return ConvBias(conv, relu=conv_bn.relu)
 
 
 def fold_block(block):

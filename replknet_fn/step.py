@@ -19,7 +19,8 @@ settings to the defaults (`with_settings`), so a replacement never has to accept
 | `ema_update`   | (ema, applied) -> applied                          | update_ema                                 |
 
 `grads` is a tuple of tensors in the order of the optimizer's parameters; `scale` and `lr` are float32 scalars;
-`finite` and `applied` are boolean scalars. Unscaling and the global norm are plain functions here too.
+`finite` and `applied` are boolean scalars. Unscaling and the global norm are plain functions here too; they and
+the clip scale or sum all gradients with one op each where the compiled CPU kernels run (`choose_gradient_ops`).
 
 Functions over all gradients map a per-tensor function with `ops.HyperMap` (`map_each`) rather than a Python
 loop or comprehension: jit unrolls those into nested calls, and over RepLKNet-31B's 562 parameters that exceeds
@@ -42,20 +43,35 @@ def squared_sum(tensor):
     return ops.sum(tensor * tensor)
 
 
-def choose_squared_sum():
-    """The per-tensor sum of squares of the global norm: the one-pass compiled kernel for float32 where the
-    compiled CPU kernels run (pointwise.py; MindSpore's ReduceSum took 0.21 s over RepLKNet-31B's gradients, the
-    kernel 0.02 s), else `squared_sum`. Chosen on the host, before the step is traced."""
-    kernel = pointwise.squared_sum_op() if device.cpu_kernels_enabled() else None
-    if kernel is None:
-        return squared_sum
+def scale_each(factor, grads):
+    """Every gradient times the scalar `factor`, with MindSpore's ops (one Mul per gradient)."""
+    return map_each(ops.partial(multiply, factor), grads)
 
-    def squared_sum_by_kernel(tensor):
-        if tensor.dtype != ms.float32:
-            return squared_sum(tensor)
-        return kernel(tensor)
 
-    return squared_sum_by_kernel
+def sum_of_squares_each(grads):
+    """The sum of squares of every element of every gradient, with MindSpore's ops (a few per gradient)."""
+    return ops.addn(map_each(squared_sum, grads))
+
+
+def choose_gradient_ops(params):
+    """(scale_all, sum_of_squares), the two functions over all gradients of unscaling, clipping and the global norm.
+    Where the compiled CPU kernels run and every parameter is float32, each is one compiled op over all gradients
+    (pointwise.py), else MindSpore's ops per gradient (scale_each, sum_of_squares_each). Launching an op costs
+    MindSpore ~30-50 us on CPU whatever its size: one Mul and one squared sum per gradient were ~1000 ops of the
+    demo's step. Chosen on the host, before the step is traced."""
+    uses_kernels = device.cpu_kernels_enabled() and all(param.dtype == ms.float32 for param in params)
+    scale_kernel = pointwise.scale_all_op() if uses_kernels else None
+    squares_kernel = pointwise.squared_sum_op() if uses_kernels else None
+    if scale_kernel is None or squares_kernel is None:
+        return scale_each, sum_of_squares_each
+
+    def scale_all(factor, grads):
+        return scale_kernel(*grads, factor)
+
+    def sum_of_squares(grads):
+        return squares_kernel(*grads)
+
+    return scale_all, sum_of_squares
 
 
 def soft_target_cross_entropy(logits, targets):
@@ -94,20 +110,20 @@ def no_all_reduce(grads):
     return grads
 
 
-def unscale(grads, scale):
-    return map_each(ops.partial(multiply, 1.0 / scale), grads)
+def unscale(grads, scale, scale_all=scale_each):
+    return scale_all(1.0 / scale, grads)
 
 
-def global_norm(grads, sum_of_squares=squared_sum):
+def global_norm(grads, sum_of_squares=sum_of_squares_each):
     """sqrt of the sum of squares of every gradient. Non-finite iff some gradient is (or the sum overflows,
     which is treated the same). Hand-written: ~16x faster than ops.clip_by_global_norm on CPU."""
-    return ops.sqrt(ops.addn(map_each(sum_of_squares, grads)))
+    return ops.sqrt(sum_of_squares(grads))
 
 
-def clip_by_global_norm(grads, norm, *, clip_value):
+def clip_by_global_norm(grads, norm, *, clip_value, scale_all=scale_each):
     """torch.nn.utils.clip_grad_norm_: scale by clip_value / (norm + 1e-6) when that is below 1."""
     factor = ops.minimum(clip_value / (norm + 1e-6), 1.0)
-    return map_each(ops.partial(multiply, factor), grads)
+    return scale_all(factor, grads)
 
 
 def apply_or_skip(optimizer, grads, lr, finite, *, drop_overflow_update):
@@ -166,17 +182,17 @@ def make_train_step(state, config, all_reduce=no_all_reduce, loss_fn=soft_target
     net = state.net if net is None else net
     optimizer, loss_scale, ema = state.optimizer, state.loss_scale, state.ema
     grad_fn = ms.value_and_grad(make_scaled_forward(net, loss_fn), None, optimizer.parameters, has_aux=True)
+    scale_all, sum_of_squares = choose_gradient_ops(optimizer.parameters)
     gradients = gradients or with_settings(compute_gradients, accumulation_steps=config.accumulation_steps)
-    clip = clip or with_settings(clip_by_global_norm, clip_value=float(config.clip_value))
+    clip = clip or with_settings(clip_by_global_norm, clip_value=float(config.clip_value), scale_all=scale_all)
     apply = apply or with_settings(apply_or_skip, drop_overflow_update=config.drop_overflow_update)
     clip_grad = config.clip_grad
-    sum_of_squares = choose_squared_sum()
 
     def train_step(images, targets, lr):
         scale = loss_scale.value
         loss, grads = gradients(grad_fn, images, targets, scale)
         grads = all_reduce(grads)
-        grads = unscale(grads, scale)
+        grads = unscale(grads, scale, scale_all)
         norm = global_norm(grads, sum_of_squares)
         finite = ops.isfinite(norm)
         if clip_grad:

@@ -1,5 +1,6 @@
 """Kernel builds: one per ISA level, chosen from the CPU or REPLKNET_FN_ISA, cached per level; the pointwise kernels
-(exact GELU, drop path's scaling, AdamW, squared sum) compute their formulas in every build this CPU runs."""
+(exact GELU, drop path's scaling, AdamW, squared sum) and training BatchNorm compute their formulas in every build
+this CPU runs."""
 import math
 import re
 import shutil
@@ -8,8 +9,9 @@ import subprocess
 import mindspore as ms
 import numpy as np
 import pytest
+from mindspore import nn, ops
 
-from replknet_fn import dwconv, kernels, pointwise
+from replknet_fn import batchnorm, dwconv, kernels, pointwise
 
 ISA_LEVELS = kernels.supported_isa_levels()
 
@@ -64,7 +66,7 @@ def portable_flags():
     return [flag for flag in kernels.compile_flags("portable") if not flag.startswith(("-march", "-mtune"))]
 
 
-@pytest.mark.parametrize("source", [dwconv.SOURCE, pointwise.SOURCE], ids=lambda path: path.name)
+@pytest.mark.parametrize("source", [dwconv.SOURCE, pointwise.SOURCE, batchnorm.SOURCE], ids=lambda path: path.name)
 def test_the_portable_build_has_no_asm_or_intrinsics(source):
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
@@ -75,7 +77,7 @@ def test_the_portable_build_has_no_asm_or_intrinsics(source):
     assert "asm" not in ours and "_mm" not in ours
 
 
-@pytest.mark.parametrize("source", [dwconv.SOURCE, pointwise.SOURCE], ids=lambda path: path.name)
+@pytest.mark.parametrize("source", [dwconv.SOURCE, pointwise.SOURCE, batchnorm.SOURCE], ids=lambda path: path.name)
 def test_the_portable_build_compiles_for_arm(source, tmp_path):
     compiler = shutil.which("aarch64-linux-gnu-g++")
     if compiler is None:
@@ -97,29 +99,55 @@ def test_gelu_is_the_exact_erf_form_forward_and_backward(isa):
 
 
 @pytest.mark.parametrize("isa", ISA_LEVELS)
-def test_squared_sum(isa):
-    x = np.random.default_rng(0).standard_normal(1000 + 7).astype(np.float32)  # not a multiple of any width
-    np.testing.assert_allclose(pointwise.squared_sum_op(isa)(ms.Tensor(x)).asnumpy(),
-                               np.sum(x.astype(np.float64) ** 2), rtol=1e-6)
+def test_squared_sum_over_many_tensors(isa):
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal(size).astype(np.float32) for size in (1000 + 7, 1, 3, 64)]  # not multiples of a width
+    total = sum(np.sum(x.astype(np.float64) ** 2) for x in xs)
+    np.testing.assert_allclose(pointwise.squared_sum_op(isa)(*map(ms.Tensor, xs)).asnumpy(), total, rtol=1e-6)
+    np.testing.assert_allclose(pointwise.squared_sum_op(isa)(ms.Tensor(xs[0])).asnumpy(),
+                               np.sum(xs[0].astype(np.float64) ** 2), rtol=1e-6)
 
 
 @pytest.mark.parametrize("isa", ISA_LEVELS)
-def test_adamw_follows_torch_in_place(isa):
+def test_scale_all_scales_every_tensor(isa):
     rng = np.random.default_rng(0)
-    size, lr, weight_decay, beta1, beta2, eps = 37, 0.1, 0.05, 0.9, 0.999, 1e-8
-    start = rng.standard_normal(size)
-    grads = [rng.standard_normal(size) for _ in range(3)]
-    param, exp_avg, exp_avg_sq = (ms.Parameter(ms.Tensor(value.astype(np.float32)), name=name)
-                                  for value, name in [(start, "p"), (np.zeros(size), "m"), (np.zeros(size), "v")])
-    adamw = pointwise.adamw_op(isa)
-    expected, m, v = start.copy(), np.zeros(size), np.zeros(size)
-    for step, g in enumerate(grads, start=1):
-        adamw(param, exp_avg, exp_avg_sq, ms.Tensor(g.astype(np.float32)), ms.Tensor([lr, step], ms.float32),
-              ms.Tensor([1.0, weight_decay, beta1, beta2, eps], ms.float32))
-        expected = expected * (1 - lr * weight_decay)
-        m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
-        expected -= lr * (m / (1 - beta1 ** step)) / (np.sqrt(v / (1 - beta2 ** step)) + eps)
-    np.testing.assert_allclose(param.asnumpy(), expected, rtol=2e-5, atol=1e-6)
+    xs = [rng.standard_normal(shape).astype(np.float32) for shape in ((3, 5, 7), (1,), (9,))]
+    k = np.float32(0.375)
+    outputs = pointwise.scale_all_op(isa)(*map(ms.Tensor, xs), ms.Tensor(k))
+    assert len(outputs) == len(xs)
+    for x, y in zip(xs, outputs):
+        np.testing.assert_array_equal(y.asnumpy(), x * k)
+    (single,) = pointwise.scale_all_op(isa)(ms.Tensor(xs[0]), ms.Tensor(k))
+    np.testing.assert_array_equal(single.asnumpy(), xs[0] * k)
+
+
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+def test_adamw_follows_torch_in_place_for_every_parameter(isa):
+    """One op updates several parameters, each with its own lr scale and weight decay, as torch.optim.AdamW."""
+    rng = np.random.default_rng(0)
+    sizes, lr, beta1, beta2, eps = (37, 1, 8), 0.1, 0.9, 0.999, 1e-8
+    lr_scales, weight_decays = (1.0, 0.5, 0.25), (0.05, 0.0, 0.1)
+    starts = [rng.standard_normal(size) for size in sizes]
+    grads = [[rng.standard_normal(size) for size in sizes] for _ in range(3)]
+    params, exp_avgs, exp_avg_sqs = ([ms.Parameter(ms.Tensor(value.astype(np.float32)), name=f"{prefix}{i}")
+                                      for i, value in enumerate(values)]
+                                     for prefix, values in [("p", starts), ("m", [np.zeros(s) for s in sizes]),
+                                                            ("v", [np.zeros(s) for s in sizes])])
+    hypers = ms.Tensor([[scale, decay, beta1, beta2, eps] for scale, decay in zip(lr_scales, weight_decays)],
+                       ms.float32)
+    adamw = pointwise.adamw_op(len(sizes), isa)
+    expected = [start.copy() for start in starts]
+    ms_, vs = [np.zeros(s) for s in sizes], [np.zeros(s) for s in sizes]
+    for step, step_grads in enumerate(grads, start=1):
+        adamw(*params, *exp_avgs, *exp_avg_sqs, *(ms.Tensor(g.astype(np.float32)) for g in step_grads),
+              ms.Tensor([lr, step], ms.float32), hypers)
+        for i, g in enumerate(step_grads):
+            rate = lr * lr_scales[i]
+            expected[i] = expected[i] * (1 - rate * weight_decays[i])
+            ms_[i], vs[i] = beta1 * ms_[i] + (1 - beta1) * g, beta2 * vs[i] + (1 - beta2) * g * g
+            expected[i] -= rate * (ms_[i] / (1 - beta1 ** step)) / (np.sqrt(vs[i] / (1 - beta2 ** step)) + eps)
+    for param, value in zip(params, expected):
+        np.testing.assert_allclose(param.asnumpy(), value, rtol=2e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("isa", ISA_LEVELS)
@@ -137,11 +165,63 @@ def test_scale_samples_scales_each_sample_and_its_gradient_by_its_factor(isa):
     np.testing.assert_array_equal(grad_k.asnumpy(), np.zeros(3, np.float32))  # a mask: a constant of the step
 
 
+def batch_norm_outputs(bn, x, dout, relu, jit):
+    """Output, gradients (x, gamma, beta) of sum(out * dout) and the running statistics after one training
+    forward, for a BN initialised with fixed random affine parameters."""
+    rng = np.random.default_rng(1)
+    bn.gamma.set_data(ms.Tensor(rng.standard_normal(bn.gamma.shape).astype(np.float32)))
+    bn.beta.set_data(ms.Tensor(rng.standard_normal(bn.beta.shape).astype(np.float32)))
+    bn.set_train(True)
+    fused = relu and isinstance(bn, batchnorm.BatchNorm2d)
+
+    def loss(t):
+        out = bn.forward_relu(t) if fused else (ops.relu(bn(t)) if relu else bn(t))
+        return (out * ms.Tensor(dout)).sum(), out
+
+    grad_fn = ms.value_and_grad(loss, 0, (bn.gamma, bn.beta), has_aux=True)
+    (_, out), (dx, (dgamma, dbeta)) = (ms.jit(grad_fn) if jit else grad_fn)(ms.Tensor(x))
+    return [value.asnumpy() for value in (out, dx, dgamma, dbeta, bn.moving_mean, bn.moving_variance)]
+
+
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn_relu"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_training_batch_norm_kernel_is_mindspores_batch_norm(isa, relu, jit):
+    """Output, the three gradients and the running statistics (momentum 0.9, unbiased variance) of the kernel BN
+    (and BN + ReLU) equal nn.BatchNorm2d's (+ ops.relu) to float rounding."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((4, 6, 5, 7)) * 3 + 1).astype(np.float32)  # 35 per plane: no multiple of any width
+    dout = rng.standard_normal(x.shape).astype(np.float32)
+    ours = batchnorm.BatchNorm2d(6, eps=1e-5, momentum=0.9)
+    ours.kernel, ours.relu_kernel = batchnorm.batch_norm_op(isa), batchnorm.batch_norm_relu_op(isa)
+    expected = batch_norm_outputs(nn.BatchNorm2d(6, eps=1e-5, momentum=0.9), x, dout, relu, jit)
+    actual = batch_norm_outputs(ours, x, dout, relu, jit)
+    assert relu == bool((expected[0] == 0).any())
+    for name, value, reference in zip(["out", "dx", "dgamma", "dbeta", "moving_mean", "moving_variance"], actual,
+                                      expected):
+        assert np.abs(value - reference).max() <= 2e-6 * np.abs(reference).max(), name
+
+
+def test_batch_norm_evaluates_and_trains_by_mindspore_where_the_kernel_does_not_apply():
+    """Eval mode and frozen statistics (running statistics), and float16 input (AMP), go to nn.BatchNorm2d's own
+    path."""
+    bn = batchnorm.BatchNorm2d(3, eps=1e-5, momentum=0.9)
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((2, 3, 2, 2)).astype(np.float32))
+    bn.set_train(True)
+    assert bn.by_kernel(x) and not bn.by_kernel(x.astype(ms.float16))
+    bn.use_batch_statistics = False
+    assert not bn.by_kernel(x)
+    bn.use_batch_statistics = None
+    bn.set_train(False)
+    assert not bn.by_kernel(x)
+    np.testing.assert_allclose(bn(x).asnumpy(), x.asnumpy() / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+
 @pytest.mark.parametrize("isa", ISA_LEVELS)
 def test_every_element_wise_loop_vectorizes_at_every_level(isa, tmp_path):
     """GCC's report for the build's own flags: each loop over all elements (GELU forward and gradient, drop path's
-    scaling, AdamW) is vectorized. Without AVX-512 a loop with a branch vectorizes only with -fno-trapping-math:
-    the AVX2 build's GELU had run element by element, ~10x slower than the AVX-512 build's."""
+    and the gradients' scaling, AdamW) is vectorized. Without AVX-512 a loop with a branch vectorizes only with
+    -fno-trapping-math: the AVX2 build's GELU had run element by element, ~10x slower than the AVX-512 build's."""
     compiler = shutil.which("g++")
     if compiler is None or "Free Software Foundation" not in subprocess.run(
             [compiler, "--version"], capture_output=True, text=True).stdout:
@@ -149,7 +229,7 @@ def test_every_element_wise_loop_vectorizes_at_every_level(isa, tmp_path):
     lines = pointwise.SOURCE.read_text().splitlines()
     loops = {number for number, line in enumerate(lines, start=1)
              if re.match(r"\s*for \(int64_t i = 0; i < (n|per_sample); \+\+i\)", line)}
-    assert len(loops) == 4
+    assert len(loops) == 5
     report = subprocess.run([compiler, *kernels.compile_flags(isa), "-c", str(pointwise.SOURCE), "-o",
                              str(tmp_path / "pointwise.o"), "-fopt-info-vec-optimized"],
                             capture_output=True, text=True, check=True).stderr

@@ -1,11 +1,15 @@
 // Element-wise float32 kernels on CPU, with MindSpore's `ops.Custom(func_type="aot")` signature:
 //   gelu_forward   (x)      -> y    y = x Phi(x) = x / 2 (1 + erf(x / sqrt 2))      exact GELU (torch's default)
 //   gelu_backward  (x, dy)  -> dx   dx = dy (Phi(x) + x phi(x)),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
-//   squared_sum    (x)      -> s    s = sum of x^2 (a scalar)
+//   squared_sum    (x_1, ..., x_n)    -> s    s = sum of x_t^2 over every element of every x_t (a scalar)
+//   scale_all      (x_1, ..., x_n, k) -> (y_1, ..., y_n)    y_t = x_t k, k a scalar       unscaling and clipping
 //   scale_samples  (x, k)   -> y    y[b, ...] = x[b, ...] k[b]        drop path's per-sample mask, and its gradient
-//   adamw_update   (param, exp_avg, exp_avg_sq, grad, step_hyper, param_hyper) -> step_hyper
-//                  torch.optim.AdamW in place on param, exp_avg, exp_avg_sq; step_hyper = [lr, step],
-//                  param_hyper = [lr scale, weight decay, beta1, beta2, eps]
+//   adamw_update   (param_1..n, exp_avg_1..n, exp_avg_sq_1..n, grad_1..n, step_hyper, param_hypers) -> step_hyper
+//                  torch.optim.AdamW in place on each param_t, exp_avg_t, exp_avg_sq_t; step_hyper = [lr, step],
+//                  param_hypers[t] = [lr scale, weight decay, beta1, beta2, eps]
+//
+// The functions over n tensors are one op for all of a model's gradients: a MindSpore op costs ~30-50 us to launch
+// on CPU whatever its size, and one op per parameter (4 per parameter per step) was ~20 ms of the demo's step.
 //
 // Each is one pass over memory, where MindSpore composes exact GELU and its gradient from ~10 primitives (erf, pow,
 // exp, ...), and its ReduceSum and fused AdamWeightDecay kernels run at ~3 and ~5-10 ns per element. Plain loops
@@ -115,25 +119,41 @@ extern "C" int gelu_backward(int nparam, void **params, int *ndims, int64_t **sh
 
 extern "C" int squared_sum(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                            void *) {
-  if (nparam != 2 || !all_float32(nparam, dtypes)) return 1;
-  const int64_t n = element_count(ndims[0], shapes[0]);
-  const float *x = static_cast<const float *>(params[0]);
+  if (nparam < 2 || !all_float32(nparam, dtypes)) return 1;
   // kLanes float partial sums (one vector register), each over at most 2^17 / kLanes elements before it is added
   // to a double.
   constexpr int kLanes = REPLKNET_LANES;
   constexpr int64_t kBlock = int64_t(1) << 17;
   double total = 0.0;
-  for (int64_t begin = 0; begin < n; begin += kBlock) {
-    const int64_t end = begin + kBlock < n ? begin + kBlock : n;
-    float lanes[kLanes] = {};
-    int64_t i = begin;
-    for (; i + kLanes <= end; i += kLanes) {
-      for (int lane = 0; lane < kLanes; ++lane) lanes[lane] += x[i + lane] * x[i + lane];
+  for (int t = 0; t + 1 < nparam; ++t) {
+    const int64_t n = element_count(ndims[t], shapes[t]);
+    const float *x = static_cast<const float *>(params[t]);
+    for (int64_t begin = 0; begin < n; begin += kBlock) {
+      const int64_t end = begin + kBlock < n ? begin + kBlock : n;
+      float lanes[kLanes] = {};
+      int64_t i = begin;
+      for (; i + kLanes <= end; i += kLanes) {
+        for (int lane = 0; lane < kLanes; ++lane) lanes[lane] += x[i + lane] * x[i + lane];
+      }
+      for (; i < end; ++i) lanes[0] += x[i] * x[i];
+      for (int lane = 0; lane < kLanes; ++lane) total += lanes[lane];
     }
-    for (; i < end; ++i) lanes[0] += x[i] * x[i];
-    for (int lane = 0; lane < kLanes; ++lane) total += lanes[lane];
   }
-  *static_cast<float *>(params[1]) = static_cast<float>(total);
+  *static_cast<float *>(params[nparam - 1]) = static_cast<float>(total);
+  return 0;
+}
+
+extern "C" int scale_all(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                         void *) {
+  if (nparam < 3 || nparam % 2 == 0 || !all_float32(nparam, dtypes)) return 1;
+  const int tensors = (nparam - 1) / 2;
+  const float k = *static_cast<const float *>(params[tensors]);
+  for (int t = 0; t < tensors; ++t) {
+    const int64_t n = element_count(ndims[t], shapes[t]);
+    const float *x = static_cast<const float *>(params[t]);
+    float *y = static_cast<float *>(params[tensors + 1 + t]);
+    for (int64_t i = 0; i < n; ++i) y[i] = x[i] * k;
+  }
   return 0;
 }
 
@@ -156,29 +176,34 @@ extern "C" int scale_samples(int nparam, void **params, int *ndims, int64_t **sh
 
 extern "C" int adamw_update(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                             void *) {
-  if (nparam != 7 || !all_float32(nparam, dtypes)) return 1;
-  const int64_t n = element_count(ndims[0], shapes[0]);
-  float *param = static_cast<float *>(params[0]);
-  float *exp_avg = static_cast<float *>(params[1]);
-  float *exp_avg_sq = static_cast<float *>(params[2]);
-  const float *grad = static_cast<const float *>(params[3]);
-  const float *step_hyper = static_cast<const float *>(params[4]);
-  const float *param_hyper = static_cast<const float *>(params[5]);
-  const float lr = step_hyper[0] * param_hyper[0], step = step_hyper[1], weight_decay = param_hyper[1];
-  const float beta1 = param_hyper[2], beta2 = param_hyper[3], eps = param_hyper[4];
-  // torch: p *= 1 - lr wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
-  //        p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
-  const float decay = 1.0f - lr * weight_decay;
-  const float step_size = lr / (1.0f - std::pow(beta1, step));
-  const float root_bias_correction2 = std::sqrt(1.0f - std::pow(beta2, step));
-  for (int64_t i = 0; i < n; ++i) {
-    const float g = grad[i];
-    const float m = beta1 * exp_avg[i] + (1.0f - beta1) * g;
-    const float v = beta2 * exp_avg_sq[i] + (1.0f - beta2) * g * g;
-    exp_avg[i] = m;
-    exp_avg_sq[i] = v;
-    param[i] = param[i] * decay - step_size * m / (std::sqrt(v) / root_bias_correction2 + eps);
+  if (nparam < 7 || (nparam - 3) % 4 != 0 || !all_float32(nparam, dtypes)) return 1;
+  const int tensors = (nparam - 3) / 4;
+  const float *step_hyper = static_cast<const float *>(params[4 * tensors]);
+  const float *param_hypers = static_cast<const float *>(params[4 * tensors + 1]);
+  if (element_count(ndims[4 * tensors + 1], shapes[4 * tensors + 1]) != 5 * tensors) return 1;
+  for (int t = 0; t < tensors; ++t) {
+    const int64_t n = element_count(ndims[t], shapes[t]);
+    float *param = static_cast<float *>(params[t]);
+    float *exp_avg = static_cast<float *>(params[tensors + t]);
+    float *exp_avg_sq = static_cast<float *>(params[2 * tensors + t]);
+    const float *grad = static_cast<const float *>(params[3 * tensors + t]);
+    const float *param_hyper = param_hypers + 5 * t;
+    const float lr = step_hyper[0] * param_hyper[0], step = step_hyper[1], weight_decay = param_hyper[1];
+    const float beta1 = param_hyper[2], beta2 = param_hyper[3], eps = param_hyper[4];
+    // torch: p *= 1 - lr wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+    //        p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    const float decay = 1.0f - lr * weight_decay;
+    const float step_size = lr / (1.0f - std::pow(beta1, step));
+    const float root_bias_correction2 = std::sqrt(1.0f - std::pow(beta2, step));
+    for (int64_t i = 0; i < n; ++i) {
+      const float g = grad[i];
+      const float m = beta1 * exp_avg[i] + (1.0f - beta1) * g;
+      const float v = beta2 * exp_avg_sq[i] + (1.0f - beta2) * g * g;
+      exp_avg[i] = m;
+      exp_avg_sq[i] = v;
+      param[i] = param[i] * decay - step_size * m / (std::sqrt(v) / root_bias_correction2 + eps);
+    }
   }
-  std::memcpy(params[6], step_hyper, 2 * sizeof(float));
+  std::memcpy(params[nparam - 1], step_hyper, 2 * sizeof(float));
   return 0;
 }

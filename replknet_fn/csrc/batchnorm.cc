@@ -1,0 +1,181 @@
+// Training-mode BatchNorm2d on float32 NCHW tensors, with MindSpore's `ops.Custom(func_type="aot")` signature:
+//   batch_norm_forward   (x, gamma, beta, moving_mean, moving_var, hyper) -> (y, mean, invstd)
+//       y = (x - mean) invstd gamma + beta over each channel's N x H x W values, invstd = 1 / sqrt(var + eps) with
+//       the biased batch variance; moving_mean and moving_var are updated in place as torch.nn.BatchNorm2d does
+//       (moving = momentum moving + (1 - momentum) batch, the variance unbiased), hyper = [eps, momentum] (the
+//       MindSpore momentum: 0.9 is PyTorch's 0.1). With `_relu`, y = max(y, 0) (conv-BN-ReLU in one pass).
+//   batch_norm_backward  (x, gamma, mean, invstd, dy) -> (dx, dgamma, dbeta)
+//   batch_norm_relu_backward (x, gamma, mean, invstd, y, dy) -> (dx, dgamma, dbeta), dy masked by y > 0
+//
+// Why: MindSpore 2.8's CPU BatchNorm and BatchNormGrad took ~27 ns per element (a 131K-float BN: 3.6 ms), 30 ms
+// of the demo's ~80 ms of op time per step; these run at ~1 ns per element. Per channel, one pass sums, a second
+// sums squared deviations (two-pass: no cancellation), a third writes; a channel's N planes stay in cache between
+// the passes. Sums are kLanes float partial sums per plane, added into doubles.
+//
+// Single-threaded, as pointwise.cc (see there: OpenMP's spinning threads took the cores from the ops after them).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#ifndef REPLKNET_LANES
+#define REPLKNET_LANES 4
+#endif
+
+namespace {
+
+constexpr int kLanes = REPLKNET_LANES;
+
+bool all_float32(int nparam, const char **dtypes) {
+  for (int i = 0; i < nparam; ++i) {
+    if (std::strcmp(dtypes[i], "float32") != 0) return false;
+  }
+  return true;
+}
+
+// sum of f(i) for i in [0, n), as kLanes float partial sums.
+template <typename F>
+double lane_sum(int64_t n, F f) {
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int lane = 0; lane < kLanes; ++lane) lanes[lane] += f(i + lane);
+  }
+  for (; i < n; ++i) lanes[0] += f(i);
+  double total = 0.0;
+  for (int lane = 0; lane < kLanes; ++lane) total += lanes[lane];
+  return total;
+}
+
+struct Layout {
+  int64_t batch, channels, plane;  // N, C, H x W
+  int64_t count() const { return batch * plane; }
+  int64_t offset(int64_t n, int64_t c) const { return (n * channels + c) * plane; }
+};
+
+bool nchw(int ndims, const int64_t *shape, Layout *layout) {
+  if (ndims != 4) return false;
+  *layout = {shape[0], shape[1], shape[2] * shape[3]};
+  return layout->count() > 1;
+}
+
+template <bool kRelu>
+int forward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  Layout s;
+  if (nparam != 9 || !all_float32(nparam, dtypes) || !nchw(ndims[0], shapes[0], &s)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *gamma = static_cast<const float *>(params[1]);
+  const float *beta = static_cast<const float *>(params[2]);
+  float *moving_mean = static_cast<float *>(params[3]);
+  float *moving_var = static_cast<float *>(params[4]);
+  const float *hyper = static_cast<const float *>(params[5]);
+  float *y = static_cast<float *>(params[6]);
+  float *mean_out = static_cast<float *>(params[7]);
+  float *invstd_out = static_cast<float *>(params[8]);
+  const float eps = hyper[0], momentum = hyper[1];
+  const double count = static_cast<double>(s.count());
+  for (int64_t c = 0; c < s.channels; ++c) {
+    double sum = 0.0;
+    for (int64_t n = 0; n < s.batch; ++n) {
+      const float *p = x + s.offset(n, c);
+      sum += lane_sum(s.plane, [p](int64_t i) { return p[i]; });
+    }
+    const float mean = static_cast<float>(sum / count);
+    double squares = 0.0;
+    for (int64_t n = 0; n < s.batch; ++n) {
+      const float *p = x + s.offset(n, c);
+      squares += lane_sum(s.plane, [p, mean](int64_t i) { const float d = p[i] - mean; return d * d; });
+    }
+    const double var = squares / count;
+    const float invstd = static_cast<float>(1.0 / std::sqrt(var + eps));
+    const float scale = gamma[c] * invstd, shift = beta[c] - mean * scale;
+    for (int64_t n = 0; n < s.batch; ++n) {
+      const float *p = x + s.offset(n, c);
+      float *q = y + s.offset(n, c);
+      for (int64_t i = 0; i < s.plane; ++i) {
+        const float v = p[i] * scale + shift;
+        q[i] = kRelu ? (v > 0.0f ? v : 0.0f) : v;
+      }
+    }
+    mean_out[c] = mean;
+    invstd_out[c] = invstd;
+    moving_mean[c] = momentum * moving_mean[c] + (1.0f - momentum) * mean;
+    moving_var[c] = momentum * moving_var[c] + (1.0f - momentum) * static_cast<float>(squares / (count - 1.0));
+  }
+  return 0;
+}
+
+// dbeta = sum dy', dgamma = invstd sum dy' (x - mean), dx = gamma invstd (dy' - dbeta / M - xhat dgamma / M) with
+// xhat = (x - mean) invstd, M = N H W, and dy' = dy (masked by y > 0 after a fused ReLU).
+template <bool kRelu>
+int backward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  Layout s;
+  const int inputs = kRelu ? 6 : 5;
+  if (nparam != inputs + 3 || !all_float32(nparam, dtypes) || !nchw(ndims[0], shapes[0], &s)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *gamma = static_cast<const float *>(params[1]);
+  const float *mean = static_cast<const float *>(params[2]);
+  const float *invstd = static_cast<const float *>(params[3]);
+  const float *y = kRelu ? static_cast<const float *>(params[4]) : nullptr;
+  const float *dy = static_cast<const float *>(params[inputs - 1]);
+  float *dx = static_cast<float *>(params[inputs]);
+  float *dgamma = static_cast<float *>(params[inputs + 1]);
+  float *dbeta = static_cast<float *>(params[inputs + 2]);
+  const double count = static_cast<double>(s.count());
+  for (int64_t c = 0; c < s.channels; ++c) {
+    const float m = mean[c], r = invstd[c];
+    double sum_dy = 0.0, sum_dy_centered = 0.0;
+    for (int64_t n = 0; n < s.batch; ++n) {
+      const int64_t at = s.offset(n, c);
+      const float *p = x + at, *g = dy + at, *o = kRelu ? y + at : nullptr;
+      if (kRelu) {
+        sum_dy += lane_sum(s.plane, [g, o](int64_t i) { return o[i] > 0.0f ? g[i] : 0.0f; });
+        sum_dy_centered += lane_sum(s.plane, [p, g, o, m](int64_t i) {
+          return o[i] > 0.0f ? g[i] * (p[i] - m) : 0.0f;
+        });
+      } else {
+        sum_dy += lane_sum(s.plane, [g](int64_t i) { return g[i]; });
+        sum_dy_centered += lane_sum(s.plane, [p, g, m](int64_t i) { return g[i] * (p[i] - m); });
+      }
+    }
+    dbeta[c] = static_cast<float>(sum_dy);
+    dgamma[c] = static_cast<float>(sum_dy_centered * r);
+    // dx = k_dy dy' + k_x x + k_0
+    const float k_dy = gamma[c] * r;
+    const float k_x = static_cast<float>(-static_cast<double>(k_dy) * r * r * sum_dy_centered / count);
+    const float k_0 = static_cast<float>(-static_cast<double>(k_dy) * sum_dy / count) - k_x * m;
+    for (int64_t n = 0; n < s.batch; ++n) {
+      const int64_t at = s.offset(n, c);
+      const float *p = x + at, *g = dy + at;
+      float *q = dx + at;
+      if (kRelu) {
+        const float *o = y + at;
+        for (int64_t i = 0; i < s.plane; ++i) q[i] = (o[i] > 0.0f ? k_dy * g[i] : 0.0f) + k_x * p[i] + k_0;
+      } else {
+        for (int64_t i = 0; i < s.plane; ++i) q[i] = k_dy * g[i] + k_x * p[i] + k_0;
+      }
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" int batch_norm_forward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                  void *, void *) {
+  return forward<false>(nparam, params, ndims, shapes, dtypes);
+}
+
+extern "C" int batch_norm_relu_forward(int nparam, void **params, int *ndims, int64_t **shapes,
+                                       const char **dtypes, void *, void *) {
+  return forward<true>(nparam, params, ndims, shapes, dtypes);
+}
+
+extern "C" int batch_norm_backward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                   void *, void *) {
+  return backward<false>(nparam, params, ndims, shapes, dtypes);
+}
+
+extern "C" int batch_norm_relu_backward(int nparam, void **params, int *ndims, int64_t **shapes,
+                                        const char **dtypes, void *, void *) {
+  return backward<true>(nparam, params, ndims, shapes, dtypes);
+}
