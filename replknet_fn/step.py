@@ -53,20 +53,46 @@ def sum_of_squares_each(grads):
     return ops.addn(map_each(squared_sum, grads))
 
 
+# Floats per op of `scale_all`: its outputs are allocated while its inputs live, so one op over all of 31B's
+# gradients would hold a second copy of them (320 MB) at once; in chunks, each chunk's inputs are freed after it.
+SCALE_CHUNK = 8 * 2 ** 20
+
+
+def chunks(params, limit=None):
+    """(start, end) index ranges over `params`, in order, each of at most `limit` (default SCALE_CHUNK) elements
+    or one parameter."""
+    limit = SCALE_CHUNK if limit is None else limit
+    ranges, start, size = [], 0, 0
+    for index, param in enumerate(params):
+        if index > start and size + param.size > limit:
+            ranges.append((start, index))
+            start, size = index, 0
+        size += param.size
+    return tuple(ranges + [(start, len(params))]) if params else ()
+
+
 def choose_gradient_ops(params):
     """(scale_all, sum_of_squares), the two functions over all gradients of unscaling, clipping and the global norm.
     Where the compiled CPU kernels run and every parameter is float32, each is one compiled op over all gradients
-    (pointwise.py), else MindSpore's ops per gradient (scale_each, sum_of_squares_each). Launching an op costs
-    MindSpore ~30-50 us on CPU whatever its size: one Mul and one squared sum per gradient were ~1000 ops of the
-    demo's step. Chosen on the host, before the step is traced."""
-    uses_kernels = device.cpu_kernels_enabled() and all(param.dtype == ms.float32 for param in params)
+    (scale_all: one per chunk of SCALE_CHUNK floats; pointwise.py), else MindSpore's ops per gradient
+    (scale_each, sum_of_squares_each). Launching an op costs MindSpore ~30-50 us on CPU whatever its size: one Mul
+    and one squared sum per gradient were ~1000 ops of the demo's step. Chosen on the host, before the step is
+    traced."""
+    uses_kernels = (device.cpu_kernels_enabled() and len(params) > 0
+                    and all(param.dtype == ms.float32 for param in params))
     scale_kernel = pointwise.scale_all_op() if uses_kernels else None
     squares_kernel = pointwise.squared_sum_op() if uses_kernels else None
     if scale_kernel is None or squares_kernel is None:
         return scale_each, sum_of_squares_each
 
+    ranges = chunks(params)
+
     def scale_all(factor, grads):
-        return scale_kernel(*grads, factor)
+        start, end = ranges[0]
+        scaled = scale_kernel(*grads[start:end], factor)
+        for start, end in ranges[1:]:
+            scaled = scaled + scale_kernel(*grads[start:end], factor)
+        return scaled
 
     def sum_of_squares(grads):
         return squares_kernel(*grads)

@@ -282,3 +282,35 @@ def test_compiling_the_step_keeps_parameter_names():
     make_train_step(state, config)
     assert sorted(state.parameters()) == names
     assert all(param.name == name for name, param in state.net.parameters_and_names())
+
+
+def test_gradient_chunks_cover_every_parameter_in_order_within_the_limit():
+    from replknet_fn.step import chunks
+    sizes = [5, 3, 9, 1, 1, 2, 12]
+    params = [ms.Parameter(ms.Tensor(np.zeros(size, np.float32)), name=f"p{i}") for i, size in enumerate(sizes)]
+    ranges = chunks(params, limit=8)
+    assert ranges == ((0, 2), (2, 3), (3, 6), (6, 7))  # a parameter over the limit is a chunk of its own
+    assert chunks([], limit=8) == ()
+
+
+@pytest.mark.parametrize("limit", [None, 40])
+def test_gradient_ops_by_kernel_equal_mindspores_ops(monkeypatch, limit):
+    """scale_all (in chunks of `limit` floats, or the default) and sum_of_squares by kernel, jitted, equal the
+    per-tensor MindSpore versions."""
+    from replknet_fn import step
+    if limit is not None:
+        monkeypatch.setattr(step, "SCALE_CHUNK", limit)
+    rng = np.random.default_rng(0)
+    grads = tuple(ms.Tensor(rng.standard_normal(shape).astype(np.float32)) for shape in
+                  [(4, 3), (50,), (2, 2, 3), (7,), (30,)])
+    params = [ms.Parameter(grad, name=f"p{i}") for i, grad in enumerate(grads)]
+    scale_all, sum_of_squares = step.choose_gradient_ops(params)
+    assert scale_all is not step.scale_each
+    assert len(step.chunks(params)) == (1 if limit is None else 4)
+    factor = ms.Tensor(0.25, ms.float32)
+    scaled = ms.jit(scale_all)(factor, grads)
+    assert len(scaled) == len(grads)
+    for ours, expected in zip(scaled, step.scale_each(factor, grads)):
+        np.testing.assert_array_equal(ours.asnumpy(), expected.asnumpy())
+    np.testing.assert_allclose(ms.jit(sum_of_squares)(grads).asnumpy(),
+                               step.sum_of_squares_each(grads).asnumpy(), rtol=1e-6)
