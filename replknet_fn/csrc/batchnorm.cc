@@ -7,8 +7,8 @@
 //   batch_norm_backward  (x, gamma, mean, invstd, dy) -> (dx, dgamma, dbeta)
 //   batch_norm_relu_backward (x, gamma, mean, invstd, y, dy) -> (dx, dgamma, dbeta), dy masked by y > 0
 //
-// Why: MindSpore 2.8's CPU BatchNorm and BatchNormGrad took ~27 ns per element (a 131K-float BN: 3.6 ms), 30 ms
-// of the demo's ~80 ms of op time per step; these run at ~1 ns per element. Per channel, one pass sums, a second
+// Why: MindSpore 2.8's CPU BatchNorm and BatchNormGrad took 4.6-11.6 ns per element forward+backward (Zen 3), 30 ms
+// of the demo's ~80 ms of op time per step; these take 2.0-3.3 ns (BENCHMARKS.md). Per channel, one pass sums, a second
 // sums squared deviations (two-pass: no cancellation), a third writes; a channel's N planes stay in cache between
 // the passes. Sums are kLanes float partial sums per plane, added into doubles.
 //
