@@ -19,16 +19,13 @@ def library(isa):
     return kernels.compiled_library(SOURCE, isa, "BatchNorm uses MindSpore's slower ops")
 
 
-def forward_shapes(x, gamma, *_):
+def tensor_and_two_per_channel_shapes(x, gamma, *_):
+    """Forward (y, mean, invstd) and backward (dx, dgamma, dbeta) alike: x's shape, then gamma's twice."""
     return [x, gamma, gamma]
 
 
-def forward_dtypes(x, *_):
+def three_dtypes(x, *_):
     return [x, x, x]
-
-
-def backward_shapes(x, gamma, *_):
-    return [x, gamma, gamma]
 
 
 class TrainForward(ops.Custom):
@@ -42,7 +39,7 @@ class TrainForward(ops.Custom):
         sig.make_sig("hyper"))
 
     def __init__(self, function, bprop):
-        super().__init__(function, forward_shapes, forward_dtypes, func_type="aot", bprop=bprop)
+        super().__init__(function, tensor_and_two_per_channel_shapes, three_dtypes, func_type="aot", bprop=bprop)
         self.add_prim_attr("side_effect_mem", True)
 
 
@@ -51,7 +48,8 @@ def make_op(isa, relu):
     if path is None:
         return None
     suffix = "relu_" if relu else ""
-    backward = ops.Custom(f"{path}:batch_norm_{suffix}backward", backward_shapes, forward_dtypes, func_type="aot")
+    backward = ops.Custom(f"{path}:batch_norm_{suffix}backward", tensor_and_two_per_channel_shapes, three_dtypes,
+                          func_type="aot")
 
     def bprop(x, gamma, beta, moving_mean, moving_variance, hyper, out, dout):
         y, mean, invstd = out

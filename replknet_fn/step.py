@@ -29,7 +29,7 @@ MindSpore's call-depth limit.
 import mindspore as ms
 from mindspore import nn, ops
 
-from replknet_fn import device, pointwise
+from replknet_fn import device, dist, pointwise
 
 map_each = ops.HyperMap()
 
@@ -53,28 +53,15 @@ def sum_of_squares_each(grads):
     return ops.addn(map_each(squared_sum, grads))
 
 
-# Floats per op of `scale_all`: its outputs are allocated while its inputs live, so one op over all of 31B's
+# Bytes per op of `scale_all`: its outputs are allocated while its inputs live, so one op over all of 31B's
 # gradients would hold a second copy of them (320 MB) at once; in chunks, each chunk's inputs are freed after it.
-SCALE_CHUNK = 8 * 2 ** 20
-
-
-def chunks(params, limit=None):
-    """(start, end) index ranges over `params`, in order, each of at most `limit` (default SCALE_CHUNK) elements
-    or one parameter."""
-    limit = SCALE_CHUNK if limit is None else limit
-    ranges, start, size = [], 0, 0
-    for index, param in enumerate(params):
-        if index > start and size + param.size > limit:
-            ranges.append((start, index))
-            start, size = index, 0
-        size += param.size
-    return tuple(ranges + [(start, len(params))]) if params else ()
+SCALE_CHUNK_BYTES = 32 * 2 ** 20
 
 
 def choose_gradient_ops(params):
     """(scale_all, sum_of_squares), the two functions over all gradients of unscaling, clipping and the global norm.
     Where the compiled CPU kernels run and every parameter is float32, each is one compiled op over all gradients
-    (scale_all: one per chunk of SCALE_CHUNK floats; pointwise.py), else MindSpore's ops per gradient
+    (scale_all: one per chunk of SCALE_CHUNK_BYTES; pointwise.py), else MindSpore's ops per gradient
     (scale_each, sum_of_squares_each). Launching an op costs MindSpore ~30-50 us on CPU whatever its size: two Muls
     and a squared sum per gradient, with AdamW's update, were 632 of the ~1100 ops of the demo's step. Chosen on the
     host, before the step is traced."""
@@ -85,7 +72,7 @@ def choose_gradient_ops(params):
     if scale_kernel is None or squares_kernel is None:
         return scale_each, sum_of_squares_each
 
-    ranges = chunks(params)
+    ranges = dist.plan_buckets([param.size * param.data.itemsize for param in params], SCALE_CHUNK_BYTES)
 
     def scale_all(factor, grads):
         start, end = ranges[0]
@@ -128,7 +115,7 @@ def compute_gradients(grad_fn, images, targets, scale, *, accumulation_steps=1):
         (_, loss, _), grads = grad_fn(images[i * micro:(i + 1) * micro], targets[i * micro:(i + 1) * micro], scale)
         total_loss = total_loss + loss
         total_grads = map_each(ops.add, total_grads, grads)
-    return total_loss / accumulation_steps, map_each(ops.partial(multiply, 1.0 / accumulation_steps), total_grads)
+    return total_loss / accumulation_steps, scale_each(1.0 / accumulation_steps, total_grads)
 
 
 def no_all_reduce(grads):

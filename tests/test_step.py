@@ -284,29 +284,29 @@ def test_compiling_the_step_keeps_parameter_names():
     assert all(param.name == name for name, param in state.net.parameters_and_names())
 
 
-def test_gradient_chunks_cover_every_parameter_in_order_within_the_limit():
-    from replknet_fn.step import chunks
-    sizes = [5, 3, 9, 1, 1, 2, 12]
-    params = [ms.Parameter(ms.Tensor(np.zeros(size, np.float32)), name=f"p{i}") for i, size in enumerate(sizes)]
-    ranges = chunks(params, limit=8)
-    assert ranges == ((0, 2), (2, 3), (3, 6), (6, 7))  # a parameter over the limit is a chunk of its own
-    assert chunks([], limit=8) == ()
+def test_buckets_cover_every_tensor_in_order_within_the_limit():
+    """dist.plan_buckets: the all-reduce's buckets and scale_all's chunks."""
+    from replknet_fn.dist import plan_buckets
+    ranges = plan_buckets([5, 3, 9, 1, 1, 2, 12], 8)
+    assert ranges == [(0, 2), (2, 3), (3, 6), (6, 7)]  # a tensor over the limit is a bucket of its own
+    assert plan_buckets([], 8) == []
 
 
-@pytest.mark.parametrize("limit", [None, 40])
+@pytest.mark.parametrize("limit", [None, 160])
 def test_gradient_ops_by_kernel_equal_mindspores_ops(monkeypatch, limit):
-    """scale_all (in chunks of `limit` floats, or the default) and sum_of_squares by kernel, jitted, equal the
+    """scale_all (in chunks of `limit` bytes, or the default) and sum_of_squares by kernel, jitted, equal the
     per-tensor MindSpore versions."""
     from replknet_fn import step
+    from replknet_fn.dist import plan_buckets
     if limit is not None:
-        monkeypatch.setattr(step, "SCALE_CHUNK", limit)
+        monkeypatch.setattr(step, "SCALE_CHUNK_BYTES", limit)
     rng = np.random.default_rng(0)
     grads = tuple(ms.Tensor(rng.standard_normal(shape).astype(np.float32)) for shape in
                   [(4, 3), (50,), (2, 2, 3), (7,), (30,)])
     params = [ms.Parameter(grad, name=f"p{i}") for i, grad in enumerate(grads)]
     scale_all, sum_of_squares = step.choose_gradient_ops(params)
     assert scale_all is not step.scale_each
-    assert len(step.chunks(params)) == (1 if limit is None else 4)
+    assert len(plan_buckets([4 * grad.size for grad in grads], step.SCALE_CHUNK_BYTES)) == (1 if limit is None else 4)
     factor = ms.Tensor(0.25, ms.float32)
     scaled = ms.jit(scale_all)(factor, grads)
     assert len(scaled) == len(grads)
