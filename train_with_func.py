@@ -14,9 +14,14 @@ import sys
 import time
 from pathlib import Path
 
+from replknet_fn.allocator import restart_with_jemalloc
+
+if __name__ == "__main__":
+    restart_with_jemalloc()  # before MindSpore loads: allocator.py says why
+
 import mindspore as ms
 
-from replknet_fn import compile_cache, data, device, dist, dwconv
+from replknet_fn import allocator, compile_cache, data, device, dist, dwconv
 from replknet_fn.checkpoint import (
     CheckpointError,
     check_free_space,
@@ -231,9 +236,9 @@ def main(argv=None):
     tensorboard = TensorBoard(config.ckpt_save_dir, rank, config.tensorboard)
     if rank == 0:
         save_config(config, Path(config.ckpt_save_dir) / "config.yaml")
-    log.info("config %s; rank %d of %d; global batch %d; device %s, amp_level %s; compiled CPU kernels %s",
+    log.info("config %s; rank %d of %d; global batch %d; device %s, amp_level %s; compiled CPU kernels %s; malloc %s",
              config.config or "(defaults)", rank, world_size, config.batch_size * world_size, config.device_target,
-             config.amp_level, "on" if device.cpu_kernels_enabled() else "off")
+             config.amp_level, "on" if device.cpu_kernels_enabled() else "off", allocator.current())
     if config.device_target == "CPU" and config.amp_level != "O0":
         log.info("note: amp_level %s on CPU is slower than O0 (RepLKNet-31B here: ~19 s vs 2.1 s a step; the "
                  "compiled kernels are float32 only); pass --amp_level auto (O0 on CPU) unless you test AMP",

@@ -17,6 +17,11 @@ import logging
 import sys
 from pathlib import Path
 
+from replknet_fn.allocator import restart_with_jemalloc
+
+if __name__ == "__main__":
+    restart_with_jemalloc()  # before MindSpore loads: allocator.py says why
+
 from replknet_fn import data, device, dist, dwconv
 from replknet_fn.checkpoint import CheckpointError
 from replknet_fn.config import DEMO_CONFIG, VALIDATE, ConfigError, parse_config_and_given

@@ -1,23 +1,17 @@
 """replknet_fn: RepLKNet on MindSpore, trained by a functional pipeline."""
-from replknet_fn.model import (
-    MODELS,
-    build_replknet,
-    create_model,
-    replknet31_base,
-    replknet31_large,
-    replknet_tiny,
-    replknet_xlarge,
-)
-from replknet_fn.reparam import reparameterize
+import importlib
 
-__all__ = ["MODELS", "build_replknet", "create_model", "replknet31_base", "replknet31_large", "replknet_tiny",
-           "replknet_xlarge", "reparameterize", "load_official_state_dict"]
+# Where each public name lives. They are imported on first use, so that importing the package does not load
+# MindSpore: the entry scripts restart themselves on another malloc before it loads (allocator.py), and
+# `python -m replknet_fn.convert` would otherwise warn that the module was in sys.modules before it ran as __main__.
+_HOMES = {"MODELS": "model", "build_replknet": "model", "create_model": "model", "replknet31_base": "model",
+          "replknet31_large": "model", "replknet_tiny": "model", "replknet_xlarge": "model",
+          "reparameterize": "reparam", "load_official_state_dict": "convert"}
+
+__all__ = list(_HOMES)
 
 
 def __getattr__(name):
-    # Imported on first use: importing convert here made `python -m replknet_fn.convert` warn that the module
-    # was already in sys.modules before it ran as __main__.
-    if name == "load_official_state_dict":
-        from replknet_fn.convert import load_official_state_dict
-        return load_official_state_dict
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"replknet_fn.{_HOMES[name]}"), name)
     raise AttributeError(f"module 'replknet_fn' has no attribute {name!r}")

@@ -36,12 +36,17 @@ import statistics
 import time
 from pathlib import Path
 
+from replknet_fn.allocator import restart_with_jemalloc
+
+if __name__ == "__main__":
+    restart_with_jemalloc()  # before MindSpore loads: allocator.py says why
+
 import mindspore as ms
 import numpy as np
 from mindspore import ops
 from mindspore.common.parameter import ParameterTuple
 
-from replknet_fn import compile_cache, device, dwconv, kernels
+from replknet_fn import allocator, compile_cache, device, dwconv, kernels
 from replknet_fn.config import DEFAULTS, Config
 from replknet_fn.model import MODELS, build_replknet, create_model
 from replknet_fn.optim import create_optimizer
@@ -61,10 +66,11 @@ MATMUL_SIZE = 2048
 
 
 def machine():
-    """What a figure depends on: the CPU, the kernel build's ISA level (and the levels it could run) and threads."""
+    """What a figure depends on: the CPU, the kernel build's ISA level (and the levels it could run), threads and
+    the malloc (compile time)."""
     return {"cpu": kernels.cpu_model(), "isa": kernels.isa_level(),
             "isa_levels": list(kernels.supported_isa_levels()), "cpus": os.cpu_count(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "malloc": allocator.current()}
 
 
 def matmul_function(size=MATMUL_SIZE):
@@ -81,8 +87,8 @@ def matmul_gflops(size=MATMUL_SIZE, repeat=5):
 def print_machine(description, gflops):
     threads = description["omp_num_threads"] or f"{description['cpus']} (all CPUs)"
     print(f"machine: {description['cpu']}; kernel build {description['isa']} (runs "
-          f"{', '.join(description['isa_levels'])}); threads {threads}; float32 matmul {gflops:.0f} GFLOP/s "
-          f"(numpy, {MATMUL_SIZE}^3)", flush=True)
+          f"{', '.join(description['isa_levels'])}); threads {threads}; malloc {description['malloc']}; "
+          f"float32 matmul {gflops:.0f} GFLOP/s (numpy, {MATMUL_SIZE}^3)", flush=True)
 
 
 def interleaved_medians(functions, repeat):

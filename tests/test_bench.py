@@ -1,7 +1,7 @@
 """The benchmarks run end to end on tiny shapes and report what they promise in their one JSON line."""
 import json
 
-from replknet_fn import bench, kernels
+from replknet_fn import allocator, bench, kernels
 
 
 def last_json_line(capsys):
@@ -11,6 +11,7 @@ def last_json_line(capsys):
 def assert_describes_the_machine(result):
     assert result["machine"]["cpu"] == kernels.cpu_model() and result["machine"]["isa"] == kernels.isa_level()
     assert result["machine"]["isa_levels"] == list(kernels.supported_isa_levels())
+    assert result["machine"]["malloc"] == allocator.current()
     assert result["matmul_gflops"] > 0
 
 
