@@ -1,10 +1,10 @@
 """Run the entry scripts on jemalloc (the copy MindSpore ships in its wheel) instead of glibc's malloc.
 
 MindSpore's graph compiler builds and frees millions of small IR nodes; under glibc's malloc that is a large part of
-compiling a train step (RepLKNet-31B: ~45 s with glibc, ~32 s with jemalloc, the steps no slower and peak memory a
-little lower; BENCHMARKS.md). A process's malloc is fixed when it starts (LD_PRELOAD), so `restart_with_jemalloc`
-restarts the script once, in the same process (exec: same PID, same arguments), before MindSpore is loaded. It is a
-no-op where it cannot help or would get in the way:
+compiling a train step (RepLKNet-31B here: ~45 s with glibc, ~32-36 s with jemalloc, the steps no slower; peak
+memory 4.25 -> 3.93 GB with the settings below; BENCHMARKS.md). A process's malloc is fixed when it starts
+(LD_PRELOAD), so `restart_with_jemalloc` restarts the script once, in the same process (exec: same PID, same
+arguments), before MindSpore is loaded. It is a no-op where it cannot help or would get in the way:
 - REPLKNET_FN_MALLOC=system (the escape hatch), or jemalloc already preloaded (after the restart, or by the user);
 - under a debugger or tracer (a restart would leave it behind), in an interactive session, off Linux;
 - when the wheel has no libjemalloc (then glibc's malloc, as before).
@@ -17,6 +17,10 @@ from pathlib import Path
 VARIABLE = "REPLKNET_FN_MALLOC"
 CHOICES = ("jemalloc", "system")
 LIBRARY = "libjemalloc.so.2"
+# Freed pages go back to the OS after a second (jemalloc's default: 10 s), by jemalloc's own thread: the compile's
+# garbage is gone before the step's tensors need the memory (31B peak 4.10 -> 3.93 GB; purging at once, 0 ms,
+# slowed the compile by ~7 s). A MALLOC_CONF the user set wins.
+SETTINGS = "dirty_decay_ms:1000,muzzy_decay_ms:0,background_thread:true"
 
 
 def bundled_jemalloc():
@@ -45,7 +49,7 @@ def restart_command(orig_argv, environ, library):
     if library is None or requested(environ) == "system" or preloaded(environ) or not orig_argv:
         return None
     preload = " ".join(filter(None, [str(library), environ.get("LD_PRELOAD", "")]))
-    return sys.executable, [sys.executable, *orig_argv[1:]], dict(environ, LD_PRELOAD=preload)
+    return sys.executable, [sys.executable, *orig_argv[1:]], {"MALLOC_CONF": SETTINGS, **environ, "LD_PRELOAD": preload}
 
 
 def restart_with_jemalloc():

@@ -1,6 +1,6 @@
 """Speed of the large-kernel convolution and of the whole training step, measured in one run each.
 
-    python -m replknet_fn.bench dwconv [--batch_size 8] [--repeat 3] [--impls direct auto] [--shape 31,56,128]
+    python -m replknet_fn.bench dwconv [--batch_size 8] [--repeat 3] [--impls direct auto kernel] [--shape 31,56,128]
                                        [--isa avx512 avx2 portable]
     python -m replknet_fn.bench step [--model replknet31_base] [--image_size 224] [--batch_size 4] [--repeat 3]
                                      [--large_kernel_impl auto native] [--compile_cache_dir DIR]
@@ -15,7 +15,8 @@ shapes (kernel, map size, channels at 224 input) or at the `--shape`s given, wit
 level build given (`--isa`, default: all this CPU runs). Rates count the multiply-adds of taps that meet real
 pixels (2 flops each; forward+backward: 3 times the forward's, for the forward, input and weight gradients), as
 GFLOP/s and as a fraction of the matmul rate timed between the convs of the same shape (so that both see the same
-load).
+load). Each impl runs as a jitted MindSpore call whose output is copied to numpy, except "kernel": the direct
+kernel's library called from numpy, as the matmul is (KERNEL_ONLY).
 
 `step` builds the project's real train step (step.make_train_step on a TrainState, with the training defaults of
 config.py) and reports the time from build to the first step done (compilation included) and from process start;
@@ -54,6 +55,12 @@ from replknet_fn.reparam import reparameterize
 from replknet_fn.step import make_train_step
 from replknet_fn.train_state import EMA, TrainState, create_loss_scale
 
+# `bench dwconv --impls kernel`: the direct kernel's library called from numpy (dwconv.kernel_runs), timed on the
+# same footing as the numpy matmul it is compared with. A jitted MindSpore call of one op adds ~1 ms to launch it and
+# copy its output to the host (K13@7x7x1024, Zen 3: 3.4 ms through MindSpore, 1.4 ms the kernel alone), which hides
+# the kernel's speed at the small shapes; inside a train step an op's launch costs ~50 us.
+KERNEL_ONLY = "kernel"
+
 # (kernel size, map height = width, channels) of RepLKNet-31B's four stages at 224x224 input.
 STAGE_SHAPES = ((31, 56, 128), (29, 28, 256), (27, 14, 512), (13, 7, 1024))
 
@@ -62,6 +69,8 @@ def wait(result):
     """Block until `result` (tensors, nested tuples of them, or numpy arrays, which are ready) is computed."""
     if not isinstance(result, np.ndarray):
         dwconv.wait(result)
+
+
 MATMUL_SIZE = 2048
 
 
@@ -117,8 +126,14 @@ def dwconv_gflop(batch_size, kernel_size, size, channels):
 
 
 def dwconv_functions(impl, batch_size, kernel_size, size, channels, isa=None):
-    """Jitted forward and forward+backward of one depthwise conv, as no-argument callables; auto decided first."""
+    """Jitted forward and forward+backward of one depthwise conv, as no-argument callables; auto decided first.
+    "kernel": the direct kernel called from numpy, without MindSpore (see KERNEL_ONLY)."""
     shape = (batch_size, channels, size, size)
+    if impl == KERNEL_ONLY:
+        runs = dwconv.kernel_runs(*shape, kernel_size, isa=isa)
+        if runs is None:
+            raise SystemExit(f"--impls {KERNEL_ONLY}: the {isa} build of {dwconv.SOURCE.name} is not available")
+        return runs
     if impl == "auto":
         dwconv.decide(shape + (kernel_size,), isa or kernels.isa_level())
     return dwconv.conv_runs(impl, *shape, kernel_size, isa=isa)
@@ -198,9 +213,10 @@ def add_dwconv_parser(subparsers):
     parser = subparsers.add_parser("dwconv", help="the large depthwise conv alone, per implementation")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median reported)")
-    parser.add_argument("--impls", nargs="+", default=["direct", "auto"],
-                        choices=[impl for impl in dwconv.IMPLEMENTATIONS if impl != "native"],
-                        help="implementations compared with native")
+    parser.add_argument("--impls", nargs="+", default=["direct", "auto", KERNEL_ONLY],
+                        choices=[impl for impl in dwconv.IMPLEMENTATIONS if impl != "native"] + [KERNEL_ONLY],
+                        help=f"implementations compared with native ({KERNEL_ONLY!r}: the direct kernel alone, called "
+                             "from numpy like the matmul, without MindSpore's op launch and copy to the host)")
     parser.add_argument("--shape", type=conv_shape, action="append",
                         help="KERNEL,SIZE,CHANNELS instead of the RepLKNet-31B stage shapes (repeatable)")
     parser.add_argument("--isa", nargs="+", choices=list(kernels.ISA_LEVELS),

@@ -160,6 +160,22 @@ def conv_runs(impl, batch, channels, height, width, kernel_size, isa=None):
     return {"forward": lambda: forward(x), "forward_backward": lambda: forward_backward(x, dout)}
 
 
+def kernel_runs(batch, channels, height, width, kernel_size, isa=None):
+    """As `conv_runs`, but calling the direct kernel's entry points from numpy (kernels.aot_call): the kernel's own
+    time, without MindSpore's op launch and copy to the host; None without a library."""
+    path = library(isa or kernels.isa_level())
+    if path is None:
+        return None
+    rng = np.random.default_rng(0)
+    x, dout = (rng.standard_normal((batch, channels, height, width)).astype(np.float32) for _ in range(2))
+    weight = (rng.standard_normal((channels, 1, kernel_size, kernel_size)) / kernel_size).astype(np.float32)
+    out, dx, dweight = np.empty_like(x), np.empty_like(x), np.empty_like(weight)
+    forward = kernels.aot_call(path, "dwconv_forward", [x, weight, out])
+    input_grad = kernels.aot_call(path, "dwconv_input_grad", [dout, weight, dx])
+    weight_grad = kernels.aot_call(path, "dwconv_weight_grad", [x, dout, weight, dweight])
+    return {"forward": forward, "forward_backward": lambda: (forward(), input_grad(), weight_grad())[-1]}
+
+
 def wait(result):
     """Block until `result` (a tensor or nested tuple of tensors) is computed."""
     if isinstance(result, (tuple, list)):

@@ -16,6 +16,7 @@ silent substitute would make a benchmark or test of that level measure another o
 16 floats a vector without AVX-512 compile to near-scalar code (measured on an AVX2-only AMD Zen 2: the direct
 depthwise conv ~100x slower than with 8-float vectors), hence one build per level instead of one width for all.
 """
+import ctypes
 import functools
 import hashlib
 import os
@@ -177,6 +178,28 @@ def per_isa_level(build):
         return at_level(isa_level()) if isa is None else build(isa)
 
     return functools.update_wrapper(at_level, build)
+
+
+def aot_call(library, name, arrays):
+    """A no-argument callable running the entry point `name` of `library` on C-contiguous float32 numpy `arrays`
+    (inputs, then the output), through the signature `ops.Custom(func_type="aot")` calls: the kernel alone, without
+    MindSpore's op launch or a copy to the host (what `bench dwconv` compares with numpy's matmul)."""
+    if any(array.dtype != "float32" or not array.flags.c_contiguous for array in arrays):
+        raise ValueError(f"{name}: the kernels take C-contiguous float32 arrays")
+    count = len(arrays)
+    params = (ctypes.c_void_p * count)(*[array.ctypes.data for array in arrays])
+    ndims = (ctypes.c_int * count)(*[array.ndim for array in arrays])
+    dims = [(ctypes.c_int64 * array.ndim)(*array.shape) for array in arrays]
+    shapes = (ctypes.POINTER(ctypes.c_int64) * count)(*[ctypes.cast(d, ctypes.POINTER(ctypes.c_int64)) for d in dims])
+    dtypes = (ctypes.c_char_p * count)(*[b"float32"] * count)
+    function = getattr(ctypes.CDLL(str(library)), name)
+
+    def run():
+        if function(count, params, ndims, shapes, dtypes, None, None) != 0:
+            raise RuntimeError(f"{name} in {library} rejected its arguments")
+        return arrays[-1]
+
+    return run
 
 
 def same_shape(shape, *_):

@@ -59,4 +59,6 @@ def test_no_restart_when_already_preloaded_or_without_the_library():
     executable, argv, environ = allocator.restart_command(["python", "-m", "replknet_fn.bench", "step"],
                                                           {"LD_PRELOAD": "/other.so", "HOME": "/h"}, library)
     assert argv == [sys.executable, "-m", "replknet_fn.bench", "step"] and executable == sys.executable
-    assert environ == {"LD_PRELOAD": f"{library} /other.so", "HOME": "/h"}
+    assert environ == {"LD_PRELOAD": f"{library} /other.so", "HOME": "/h", "MALLOC_CONF": allocator.SETTINGS}
+    _, _, environ = allocator.restart_command(["python", "x.py"], {"MALLOC_CONF": "narenas:1"}, library)
+    assert environ["MALLOC_CONF"] == "narenas:1"

@@ -22,7 +22,7 @@ def test_dwconv_bench_reports_times_rates_and_speedups_for_each_build(capsys):
     assert result["isa"] == list(kernels.supported_isa_levels())
     (shape,) = result["results"]
     assert shape["shape"] == "K5@8x8x4"
-    fast = [f"{impl}/{isa}" for isa in result["isa"] for impl in ("direct", "auto")]
+    fast = [f"{impl}/{isa}" for isa in result["isa"] for impl in ("direct", "auto", "kernel")]
     assert set(shape["seconds"]) == {"native", *fast} and set(shape["speedup"]) == set(fast)
     # 8 output positions per axis meet 3, 4, 5, 5, 5, 5, 4, 3 taps of 5: 34; 2 x 4 planes; 2 flops each.
     assert shape["gflop"] == {"forward": 2 * 2 * 4 * 34 ** 2 / 1e9, "forward_backward": 3 * 2 * 2 * 4 * 34 ** 2 / 1e9}

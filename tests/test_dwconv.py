@@ -315,3 +315,27 @@ def test_what_auto_times_is_the_conv_and_its_gradients_for_an_output_gradient():
         assert len(direct) == len(native) == len(names), mode
         for name, got, want in zip(names, direct, native):
             assert relative_error(got, want) < TOLERANCE, (mode, name)
+
+
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+def test_the_kernels_called_from_numpy_compute_the_native_conv_and_its_gradients(isa):
+    # What `bench dwconv --impls kernel` times: the entry points called without MindSpore (kernels.aot_call).
+    batch, channels, height, width, kernel_size = shape = (2, 3, 9, 16, 13)
+    rng = np.random.default_rng(0)
+    native = dwconv.depthwise_conv(channels, kernel_size, "native")
+    x, out_grad = (rng.standard_normal((batch, channels, height, width)).astype(np.float32) for _ in range(2))
+    expected = outputs_and_gradients(native, ms.Tensor(x), ms.Tensor(out_grad), jit=False)
+    weight = native.weight.asnumpy()
+    out, dx, dweight = np.empty_like(x), np.empty_like(x), np.empty_like(weight)
+    library = dwconv.library(isa)
+    kernels.aot_call(library, "dwconv_forward", [x, weight, out])()
+    kernels.aot_call(library, "dwconv_input_grad", [out_grad, weight, dx])()
+    kernels.aot_call(library, "dwconv_weight_grad", [x, out_grad, weight, dweight])()
+    for name, got, want in zip(["output", "input grad", "weight grad"], [out, dx, dweight], expected):
+        assert relative_error(got, want) < TOLERANCE, (name, shape_id(shape))
+
+
+def test_the_kernels_called_from_numpy_refuse_other_dtypes():
+    x = np.zeros((1, 1, 3, 3))
+    with pytest.raises(ValueError, match="dwconv_forward: the kernels take C-contiguous float32"):
+        kernels.aot_call(dwconv.library(kernels.isa_level()), "dwconv_forward", [x, x, x])
