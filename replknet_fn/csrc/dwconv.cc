@@ -138,21 +138,25 @@ void transpose(Vec rows[kLanes]) {
 }
 
 // kLanes floats from `from` (aligned to a float only) into a vector, or the first `count` and zeros after them.
+// A partial vector moves float by float: a memcpy of a variable size is a library call, which cost more than the
+// multiply-adds of a 7x7 map's last, one-pixel block.
 Vec load(const float *from, int count) {
   Vec v = {};
-  if (count == kLanes)
+  if (count == kLanes) {
     std::memcpy(&v, from, sizeof(Vec));  // a fixed size: one unaligned vector load
-  else
-    std::memcpy(&v, from, count * sizeof(float));
+  } else {
+    for (int k = 0; k < count; ++k) v[k] = from[k];
+  }
   return v;
 }
 
 // The first `count` floats of `v` to `to`.
 void store(const Vec &v, int count, float *to) {
-  if (count == kLanes)
+  if (count == kLanes) {
     std::memcpy(to, &v, sizeof(Vec));
-  else
-    std::memcpy(to, &v, count * sizeof(float));
+  } else {
+    for (int k = 0; k < count; ++k) to[k] = v[k];
+  }
 }
 
 // The inverse of gather without padding: writes each plane of the group whole (a thread writing scattered pixels of
@@ -160,8 +164,8 @@ void store(const Vec &v, int count, float *to) {
 void scatter(const Vec *interleaved, const Geometry &g, const GroupPlanes &planes, float *out) {
   for (int64_t first = 0; first < g.plane(); first += kLanes) {
     const int pixels = int(std::min<int64_t>(kLanes, g.plane() - first));
-    Vec block[kLanes] = {};
-    for (int k = 0; k < pixels; ++k) block[k] = interleaved[first + k];
+    Vec block[kLanes];  // element by element, not `= {}`: that zeroing was a memset call per block
+    UNROLLED for (int k = 0; k < kLanes; ++k) block[k] = k < pixels ? interleaved[first + k] : Vec{};
     transpose(block);
     for (int lane = 0; lane < planes.count; ++lane) store(block[lane], pixels, out + planes.offset[lane] + first);
   }
@@ -173,8 +177,9 @@ void gather(const float *in, const Geometry &g, const GroupPlanes &planes, int p
   int h = 0, w = 0;  // of pixel `first + k` below
   for (int64_t first = 0; first < g.plane(); first += kLanes) {
     const int pixels = int(std::min<int64_t>(kLanes, g.plane() - first));
-    Vec block[kLanes] = {};
-    for (int lane = 0; lane < planes.count; ++lane) block[lane] = load(in + planes.offset[lane] + first, pixels);
+    Vec block[kLanes];
+    UNROLLED for (int lane = 0; lane < kLanes; ++lane)
+      block[lane] = lane < planes.count ? load(in + planes.offset[lane] + first, pixels) : Vec{};
     transpose(block);
     for (int k = 0; k < pixels; ++k) {
       out[int64_t(h + pad) * row_length + w + pad] = block[k];
