@@ -19,7 +19,8 @@ load). Each impl runs as a jitted MindSpore call whose output is copied to numpy
 kernel's library called from numpy, as the matmul is (KERNEL_ONLY).
 
 `step` builds the project's real train step (step.make_train_step on a TrainState, with the training defaults of
-config.py) and reports the time from build to the first step done (compilation included) and from process start;
+config.py) and reports the time from build to the first step done (compilation included) and from process start,
+and the peak memory (max RSS) of training after three steps, before it builds any other network;
 then, interleaved: the steady train step, the part after the gradients alone (unscale, global norm, clip, AdamW,
 loss-scale update), the eval-mode forward and the deploy network's inference (`reparameterize`), each per
 `--large_kernel_impl` (by default auto and native, with auto's speedups against native); and the train step and
@@ -33,7 +34,9 @@ registered in `build_parser`.
 import argparse
 import json
 import os
+import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -300,6 +303,14 @@ def first_step(impl, args):
     return state, config, train_step, batch, time.perf_counter() - start, cache
 
 
+def training_peak_memory(train_step, batch, steps=2):
+    """Peak memory (max RSS, bytes) of this process after `steps` more train steps: what training the first impl's
+    network at this batch costs (import, build, compile, steps), taken before bench builds other networks."""
+    for _ in range(steps):
+        wait(train_step(*batch))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def step_functions(state, config, train_step, batch):
     """No-argument callables: the train step, optimizer and clip alone, eval-mode forward, deploy inference."""
     net = state.net
@@ -339,6 +350,7 @@ def run_step(args):
         state, config, train_step, batch, first[impl], cache[impl] = first_step(impl, args)
         if impl == impls[0]:
             process_to_first_step, first_build_args = process_age(), state.net.build_args
+            training_peak = training_peak_memory(train_step, batch)
         for part, function in step_functions(state, config, train_step, batch).items():
             functions[(impl, part)] = function
     if not args.skip_large_kernels_1:
@@ -355,6 +367,7 @@ def run_step(args):
     result = {"bench": "step", "machine": description, "matmul_gflops": matmul, "model": args.model,
               "image_size": args.image_size, "batch_size": args.batch_size, "repeat": args.repeat,
               "process_to_first_step": process_to_first_step, "compile_cache": cache,
+              "training_max_rss_bytes": training_peak,
               "seconds": seconds,
               "images_per_second": {variant: args.batch_size / values["train_step"] for variant, values in
                                     seconds.items()},
@@ -393,6 +406,8 @@ def print_step_table(result, impls):
     age = result["process_to_first_step"]
     print(f"process start -> first {impls[0]} step done: {age:.1f} s; compile cache: {result['compile_cache']}"
           if age is not None else f"compile cache: {result['compile_cache']}")
+    print(f"peak memory of training ({impls[0]}, max RSS after 3 steps, before the other networks): "
+          f"{result['training_max_rss_bytes'] / 1e9:.2f} GB")
 
 
 def add_step_parser(subparsers):

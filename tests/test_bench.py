@@ -1,5 +1,6 @@
 """The benchmarks run end to end on tiny shapes and report what they promise in their one JSON line."""
 import json
+import resource
 
 from replknet_fn import allocator, bench, kernels
 
@@ -51,3 +52,6 @@ def test_step_bench_reports_every_part_for_each_impl_and_the_1x1_variant(capsys)
     assert set(result["speedup_vs_native"]["auto"]) == parts - {"first_step"}
     assert result["seconds"]["auto"]["first_step"] >= result["seconds"]["auto"]["train_step"] > 0
     assert result["compile_cache"] == {"auto": "off", "native": "off"}
+    # Training's peak, taken before the native, eval and deploy networks were built: below the process's final peak.
+    final_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert 100e6 < result["training_max_rss_bytes"] <= final_peak
