@@ -34,7 +34,6 @@ registered in `build_parser`.
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -305,9 +304,14 @@ def first_step(impl, args):
 
 def training_peak_memory(train_step, batch, steps=2):
     """Peak memory (max RSS, bytes) of this process after `steps` more train steps: what training the first impl's
-    network at this batch costs (import, build, compile, steps), taken before bench builds other networks."""
+    network at this batch costs (import, build, compile, steps), taken before bench builds other networks. None
+    where Python has no `resource` module (Windows)."""
     for _ in range(steps):
         wait(train_step(*batch))
+    try:
+        import resource
+    except ImportError:
+        return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
@@ -406,8 +410,10 @@ def print_step_table(result, impls):
     age = result["process_to_first_step"]
     print(f"process start -> first {impls[0]} step done: {age:.1f} s; compile cache: {result['compile_cache']}"
           if age is not None else f"compile cache: {result['compile_cache']}")
-    print(f"peak memory of training ({impls[0]}, max RSS after 3 steps, before the other networks): "
-          f"{result['training_max_rss_bytes'] / 1e9:.2f} GB")
+    peak = result["training_max_rss_bytes"]
+    if peak is not None:
+        print(f"peak memory of training ({impls[0]}, max RSS after 3 steps, before the other networks): "
+              f"{peak / 1e9:.2f} GB")
 
 
 def add_step_parser(subparsers):
