@@ -14,14 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-from replknet_fn.allocator import restart_with_jemalloc
+from replknet_fn import allocator
 
 if __name__ == "__main__":
-    restart_with_jemalloc()  # before MindSpore loads: allocator.py says why
+    allocator.restart_with_jemalloc()  # before MindSpore loads: allocator.py says why
 
 import mindspore as ms
 
-from replknet_fn import allocator, compile_cache, data, device, dist, dwconv
+from replknet_fn import compile_cache, data, device, dist, dwconv
 from replknet_fn.checkpoint import (
     CheckpointError,
     check_free_space,

@@ -17,10 +17,10 @@ import logging
 import sys
 from pathlib import Path
 
-from replknet_fn.allocator import restart_with_jemalloc
+from replknet_fn import allocator
 
 if __name__ == "__main__":
-    restart_with_jemalloc()  # before MindSpore loads: allocator.py says why
+    allocator.restart_with_jemalloc()  # before MindSpore loads: allocator.py says why
 
 from replknet_fn import data, device, dist, dwconv
 from replknet_fn.checkpoint import CheckpointError

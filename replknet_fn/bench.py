@@ -39,17 +39,17 @@ import sys
 import time
 from pathlib import Path
 
-from replknet_fn.allocator import restart_with_jemalloc
+from replknet_fn import allocator
 
 if __name__ == "__main__":
-    restart_with_jemalloc()  # before MindSpore loads: allocator.py says why
+    allocator.restart_with_jemalloc()  # before MindSpore loads: allocator.py says why
 
 import mindspore as ms
 import numpy as np
 from mindspore import ops
 from mindspore.common.parameter import ParameterTuple
 
-from replknet_fn import allocator, compile_cache, device, dwconv, kernels
+from replknet_fn import compile_cache, device, dwconv, kernels
 from replknet_fn.config import DEFAULTS, Config
 from replknet_fn.model import MODELS, build_replknet, create_model
 from replknet_fn.optim import create_optimizer

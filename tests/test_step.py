@@ -7,6 +7,7 @@ import pytest
 
 from replknet_fn import build_replknet
 from replknet_fn.config import DEFAULTS, Config
+from replknet_fn.dist import plan_buckets
 from replknet_fn.optim import SGD, AdamW, Lion, create_optimizer, layer_id, parameter_groups
 from replknet_fn.step import clip_by_global_norm, compute_gradients, global_norm, make_train_step
 from replknet_fn.train_state import EMA, TrainState, create_loss_scale
@@ -286,7 +287,6 @@ def test_compiling_the_step_keeps_parameter_names():
 
 def test_buckets_cover_every_tensor_in_order_within_the_limit():
     """dist.plan_buckets: the all-reduce's buckets and scale_all's chunks."""
-    from replknet_fn.dist import plan_buckets
     ranges = plan_buckets([5, 3, 9, 1, 1, 2, 12], 8)
     assert ranges == [(0, 2), (2, 3), (3, 6), (6, 7)]  # a tensor over the limit is a bucket of its own
     assert plan_buckets([], 8) == []
@@ -296,8 +296,7 @@ def test_buckets_cover_every_tensor_in_order_within_the_limit():
 def test_gradient_ops_by_kernel_equal_mindspores_ops(monkeypatch, limit):
     """scale_all (in chunks of `limit` bytes, or the default) and sum_of_squares by kernel, jitted, equal the
     per-tensor MindSpore versions."""
-    from replknet_fn import step
-    from replknet_fn.dist import plan_buckets
+    from replknet_fn import step  # as a module here: the other tests name their train steps `step`
     if limit is not None:
         monkeypatch.setattr(step, "SCALE_CHUNK_BYTES", limit)
     rng = np.random.default_rng(0)
