@@ -186,11 +186,13 @@ def batch_norm_outputs(bn, x, dout, relu, jit):
 @pytest.mark.parametrize("isa", ISA_LEVELS)
 @pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn_relu"])
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-def test_training_batch_norm_kernel_is_mindspores_batch_norm(isa, relu, jit):
+@pytest.mark.parametrize("shape", [(3, 6, 9, 11), (4, 6, 5, 7), (5, 6, 2, 1)], ids=["plane99", "plane35", "plane2"])
+def test_training_batch_norm_kernel_is_mindspores_batch_norm(isa, relu, jit, shape):
     """Output, the three gradients and the running statistics (momentum 0.9, unbiased variance) of the kernel BN
-    (and BN + ReLU) equal nn.BatchNorm2d's (+ ops.relu) to float rounding."""
+    (and BN + ReLU) equal nn.BatchNorm2d's (+ ops.relu) to float rounding: by channels (99 pixels a plane) and, for
+    planes under 64 pixels, by whole images (35, 2); no plane size a multiple of any vector width."""
     rng = np.random.default_rng(0)
-    x = (rng.standard_normal((4, 6, 5, 7)) * 3 + 1).astype(np.float32)  # 35 per plane: no multiple of any width
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
     dout = rng.standard_normal(x.shape).astype(np.float32)
     ours = batchnorm.BatchNorm2d(6, eps=1e-5, momentum=0.9)
     ours.kernel, ours.relu_kernel = batchnorm.batch_norm_op(isa), batchnorm.batch_norm_relu_op(isa)

@@ -10,12 +10,16 @@
 // Why: MindSpore 2.8's CPU BatchNorm and BatchNormGrad took 4.6-11.6 ns per element forward+backward (Zen 3), 30 ms
 // of the demo's ~80 ms of op time per step; these take 2.0-3.3 ns (BENCHMARKS.md). Per channel, one pass sums, a second
 // sums squared deviations (two-pass: no cancellation), a third writes; a channel's N planes stay in cache between
-// the passes. Sums are kLanes float partial sums per plane, added into doubles.
+// the passes. Sums are kLanes float partial sums per plane, added into doubles. Planes of fewer than kSmallPlane
+// pixels (7x7 and below: 31B's last stage, most of the demo's) are too short for a channel's loops (a 2x2 plane ran
+// at 6.5 ns per element forward): there each pass runs over an image's C x plane values at once, the per-channel
+// factors spread over their channel's pixels, and sums add over the batch per position before over the plane.
 //
 // Single-threaded, as pointwise.cc (see there: OpenMP's spinning threads took the cores from the ops after them).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #ifndef REPLKNET_LANES
 #define REPLKNET_LANES 4
@@ -49,8 +53,36 @@ double lane_sum(int64_t n, F f) {
 struct Layout {
   int64_t batch, channels, plane;  // N, C, H x W
   int64_t count() const { return batch * plane; }
+  int64_t image() const { return channels * plane; }
   int64_t offset(int64_t n, int64_t c) const { return (n * channels + c) * plane; }
 };
+
+constexpr int64_t kSmallPlane = 64;
+
+// One image's C x plane values, each its channel's value.
+std::vector<float> expand(const Layout &s, const float *per_channel) {
+  std::vector<float> expanded(s.image());
+  for (int64_t c = 0; c < s.channels; ++c) {
+    for (int64_t i = 0; i < s.plane; ++i) expanded[c * s.plane + i] = per_channel[c];
+  }
+  return expanded;
+}
+
+// Small planes: per-channel sums of f(at, e) (at: the element's index, e: its index within its image), summed
+// over the batch at each position (floats, vectorized over the image), then over each plane (doubles).
+template <typename F>
+std::vector<double> small_plane_sums(const Layout &s, F f) {
+  std::vector<float> positions(s.image(), 0.0f);
+  for (int64_t n = 0; n < s.batch; ++n) {
+    const int64_t first = n * s.image();
+    for (int64_t e = 0; e < s.image(); ++e) positions[e] += f(first + e, e);
+  }
+  std::vector<double> sums(s.channels, 0.0);
+  for (int64_t c = 0; c < s.channels; ++c) {
+    for (int64_t i = 0; i < s.plane; ++i) sums[c] += positions[c * s.plane + i];
+  }
+  return sums;
+}
 
 bool nchw(int ndims, const int64_t *shape, Layout *layout) {
   if (ndims != 4) return false;
@@ -73,6 +105,38 @@ int forward(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   float *invstd_out = static_cast<float *>(params[8]);
   const float eps = hyper[0], momentum = hyper[1];
   const double count = static_cast<double>(s.count());
+  // Channel c's mean and squared deviations -> invstd, the running statistics, and y's scale and shift.
+  auto statistics = [&](int64_t c, float mean, double squares, float *scale, float *shift) {
+    const float invstd = static_cast<float>(1.0 / std::sqrt(squares / count + eps));
+    *scale = gamma[c] * invstd;
+    *shift = beta[c] - mean * *scale;
+    mean_out[c] = mean;
+    invstd_out[c] = invstd;
+    moving_mean[c] = momentum * moving_mean[c] + (1.0f - momentum) * mean;
+    moving_var[c] = momentum * moving_var[c] + (1.0f - momentum) * static_cast<float>(squares / (count - 1.0));
+  };
+  if (s.plane < kSmallPlane) {
+    const std::vector<double> sums = small_plane_sums(s, [x](int64_t at, int64_t) { return x[at]; });
+    for (int64_t c = 0; c < s.channels; ++c) mean_out[c] = static_cast<float>(sums[c] / count);
+    const std::vector<float> means = expand(s, mean_out);
+    const float *m = means.data();
+    const std::vector<double> squares = small_plane_sums(s, [x, m](int64_t at, int64_t e) {
+      const float d = x[at] - m[e];
+      return d * d;
+    });
+    std::vector<float> scales(s.channels), shifts(s.channels);
+    for (int64_t c = 0; c < s.channels; ++c) statistics(c, mean_out[c], squares[c], &scales[c], &shifts[c]);
+    const std::vector<float> scale = expand(s, scales.data()), shift = expand(s, shifts.data());
+    for (int64_t n = 0; n < s.batch; ++n) {
+      const float *p = x + n * s.image();
+      float *q = y + n * s.image();
+      for (int64_t e = 0; e < s.image(); ++e) {
+        const float v = p[e] * scale[e] + shift[e];
+        q[e] = kRelu ? (v > 0.0f ? v : 0.0f) : v;
+      }
+    }
+    return 0;
+  }
   for (int64_t c = 0; c < s.channels; ++c) {
     double sum = 0.0;
     for (int64_t n = 0; n < s.batch; ++n) {
@@ -85,9 +149,8 @@ int forward(int nparam, void **params, int *ndims, int64_t **shapes, const char 
       const float *p = x + s.offset(n, c);
       squares += lane_sum(s.plane, [p, mean](int64_t i) { const float d = p[i] - mean; return d * d; });
     }
-    const double var = squares / count;
-    const float invstd = static_cast<float>(1.0 / std::sqrt(var + eps));
-    const float scale = gamma[c] * invstd, shift = beta[c] - mean * scale;
+    float scale, shift;
+    statistics(c, mean, squares, &scale, &shift);
     for (int64_t n = 0; n < s.batch; ++n) {
       const float *p = x + s.offset(n, c);
       float *q = y + s.offset(n, c);
@@ -96,10 +159,6 @@ int forward(int nparam, void **params, int *ndims, int64_t **shapes, const char 
         q[i] = kRelu ? (v > 0.0f ? v : 0.0f) : v;
       }
     }
-    mean_out[c] = mean;
-    invstd_out[c] = invstd;
-    moving_mean[c] = momentum * moving_mean[c] + (1.0f - momentum) * mean;
-    moving_var[c] = momentum * moving_var[c] + (1.0f - momentum) * static_cast<float>(squares / (count - 1.0));
   }
   return 0;
 }
@@ -121,8 +180,42 @@ int backward(int nparam, void **params, int *ndims, int64_t **shapes, const char
   float *dgamma = static_cast<float *>(params[inputs + 1]);
   float *dbeta = static_cast<float *>(params[inputs + 2]);
   const double count = static_cast<double>(s.count());
+  // Channel c's sums of dy' and dy' (x - mean) -> dgamma, dbeta, and dx's factors: dx = k_dy dy' + k_x x + k_0.
+  auto factors = [&](int64_t c, double sum_dy, double sum_dy_centered, float *k_dy, float *k_x, float *k_0) {
+    const float r = invstd[c];
+    dbeta[c] = static_cast<float>(sum_dy);
+    dgamma[c] = static_cast<float>(sum_dy_centered * r);
+    *k_dy = gamma[c] * r;
+    *k_x = static_cast<float>(-static_cast<double>(*k_dy) * r * r * sum_dy_centered / count);
+    *k_0 = static_cast<float>(-static_cast<double>(*k_dy) * sum_dy / count) - *k_x * mean[c];
+  };
+  if (s.plane < kSmallPlane) {
+    const std::vector<float> means = expand(s, mean);
+    const float *m = means.data();
+    const std::vector<double> sum_dy = small_plane_sums(s, [dy, y](int64_t at, int64_t) {
+      return !kRelu || y[at] > 0.0f ? dy[at] : 0.0f;
+    });
+    const std::vector<double> sum_dy_centered = small_plane_sums(s, [x, dy, y, m](int64_t at, int64_t e) {
+      return !kRelu || y[at] > 0.0f ? dy[at] * (x[at] - m[e]) : 0.0f;
+    });
+    std::vector<float> k_dys(s.channels), k_xs(s.channels), k_0s(s.channels);
+    for (int64_t c = 0; c < s.channels; ++c) {
+      factors(c, sum_dy[c], sum_dy_centered[c], &k_dys[c], &k_xs[c], &k_0s[c]);
+    }
+    const std::vector<float> k_dy = expand(s, k_dys.data()), k_x = expand(s, k_xs.data()),
+                             k_0 = expand(s, k_0s.data());
+    for (int64_t n = 0; n < s.batch; ++n) {
+      const int64_t first = n * s.image();
+      const float *p = x + first, *g = dy + first, *o = kRelu ? y + first : nullptr;
+      float *q = dx + first;
+      for (int64_t e = 0; e < s.image(); ++e) {
+        q[e] = (!kRelu || o[e] > 0.0f ? k_dy[e] * g[e] : 0.0f) + k_x[e] * p[e] + k_0[e];
+      }
+    }
+    return 0;
+  }
   for (int64_t c = 0; c < s.channels; ++c) {
-    const float m = mean[c], r = invstd[c];
+    const float m = mean[c];
     double sum_dy = 0.0, sum_dy_centered = 0.0;
     for (int64_t n = 0; n < s.batch; ++n) {
       const int64_t at = s.offset(n, c);
@@ -137,12 +230,8 @@ int backward(int nparam, void **params, int *ndims, int64_t **shapes, const char
         sum_dy_centered += lane_sum(s.plane, [p, g, m](int64_t i) { return g[i] * (p[i] - m); });
       }
     }
-    dbeta[c] = static_cast<float>(sum_dy);
-    dgamma[c] = static_cast<float>(sum_dy_centered * r);
-    // dx = k_dy dy' + k_x x + k_0
-    const float k_dy = gamma[c] * r;
-    const float k_x = static_cast<float>(-static_cast<double>(k_dy) * r * r * sum_dy_centered / count);
-    const float k_0 = static_cast<float>(-static_cast<double>(k_dy) * sum_dy / count) - k_x * m;
+    float k_dy, k_x, k_0;
+    factors(c, sum_dy, sum_dy_centered, &k_dy, &k_x, &k_0);
     for (int64_t n = 0; n < s.batch; ++n) {
       const int64_t at = s.offset(n, c);
       const float *p = x + at, *g = dy + at;
