@@ -104,8 +104,7 @@ def _options():
         "model": o("replknet31_base", "model name (see replknet_fn.MODELS)", used_by=BOTH),
         "num_classes": o(1000, "classes (checked against the data set)", low=1),
         "drop_path_rate": o(0.3, "stochastic depth rate of the last block", low=0.0, high=1.0),
-        "large_kernel_impl": o("auto", "depthwise and 1x1 conv implementation: auto, native or direct "
-                               "(replknet_fn.dwconv, replknet_fn.conv1x1)",
+        "large_kernel_impl": o("auto", "depthwise conv implementation: auto, native or direct (replknet_fn.dwconv)",
                                choices=["auto", "native", "direct"], used_by=BOTH),
         "recompute": o(False, "recompute block activations in the backward pass (less memory)"),
         "pretrained": o(False, "fine-tune from ckpt_path (ours or a converted official checkpoint)", graph=False),

@@ -1,5 +1,4 @@
-"""Large-kernel depthwise convolution (stride 1, "same" padding) and the choice of its implementation, which
-`conv1x1.py`'s 1x1 convs share.
+"""Large-kernel depthwise convolution (stride 1, "same" padding) and the choice of its implementation.
 
 `depthwise_conv(channels, kernel_size, impl)` returns a cell with one parameter `weight` of shape
 (channels, 1, K, K) (plus `bias` when asked), whatever the implementation, so checkpoints do not depend on it.
@@ -16,9 +15,7 @@ crashed the process). So `decide_for(net, input_shape)`, called before a step is
 shape of each automatic conv of `net` and times direct against native at each new (batch, channels, height,
 width, kernel) (`decide`). Verdicts are kept on disk per machine and kernel build (`verdict_file`) and logged once
 per shape; construct reads them while it is traced. A shape nobody decided runs direct for K >= 3 and native for
-K = 1 (`direct_when_undecided`). The convs with a kernel are `KernelConv`s (`DepthwiseConv` here,
-`conv1x1.PointwiseConv`); a conv's shape is (batch, channels, height, width, kernel) for a depthwise conv and
-(batch, channels, height, width, 1, out_channels) for a 1x1 conv.
+K = 1 (`direct_when_undecided`).
 """
 import hashlib
 import json
@@ -86,19 +83,16 @@ _logged = set()
 _recording_shapes = False
 
 
-def shape_key(batch, channels, height, width, kernel_size, out_channels=None):
-    key = f"B{batch}C{channels}_{height}x{width}_K{kernel_size}"
-    return key if out_channels is None else f"{key}_O{out_channels}"
+def shape_key(batch, channels, height, width, kernel_size):
+    return f"B{batch}C{channels}_{height}x{width}_K{kernel_size}"
 
 
 def machine_key(isa):
     """What a verdict depends on besides the shape: the kernel build (its library's name hashes the source,
-    compiler, flags, ISA level and CPU; `sources` every kernel's source), MindSpore (the native conv) and the
-    threads both may use."""
+    compiler, flags, ISA level and CPU), MindSpore (the native conv) and the threads both may use."""
     built = library(isa)
     return {"cpu": kernels.cpu_model(), "isa": isa, "library": built.name if built else None,
-            "sources": kernels.sources_digest(), "mindspore": ms.__version__,
-            "threads": os.environ.get("OMP_NUM_THREADS") or os.cpu_count()}
+            "mindspore": ms.__version__, "threads": os.environ.get("OMP_NUM_THREADS") or os.cpu_count()}
 
 
 def verdict_file(isa):
@@ -153,18 +147,14 @@ class _ForwardBackward(nn.Cell):
         return self.net(x), self.grad(self.net, self.params)(x, dout)
 
 
-def conv_runs(impl, batch, channels, height, width, kernel_size, out_channels=None, isa=None):
-    """{"forward", "forward_backward"}: jitted no-argument callables running one conv of `impl` on a random input
-    of that shape (forward+backward: also the input and weight gradients for a random output gradient): a
-    depthwise conv, or with `out_channels` a 1x1 conv."""
+def conv_runs(impl, batch, channels, height, width, kernel_size, isa=None):
+    """{"forward", "forward_backward"}: jitted no-argument callables running one depthwise conv of `impl` on a
+    random input of that shape (forward+backward: also the input and weight gradients for a random output
+    gradient)."""
     rng = np.random.default_rng(0)
-    x = ms.Tensor(rng.standard_normal((batch, channels, height, width)).astype(np.float32))
-    dout = ms.Tensor(rng.standard_normal((batch, out_channels or channels, height, width)).astype(np.float32))
-    if out_channels is None:
-        net = depthwise_conv(channels, kernel_size, impl, isa=isa)
-    else:
-        from replknet_fn import conv1x1  # which imports this module for KernelConv
-        net = conv1x1.pointwise_conv(channels, out_channels, impl, isa=isa)
+    x, dout = (ms.Tensor(rng.standard_normal((batch, channels, height, width)).astype(np.float32))
+               for _ in range(2))
+    net = depthwise_conv(channels, kernel_size, impl, isa=isa)
     # Cells jitted: a new @jit function per shape would make MindSpore warn "compiled again" each time.
     forward, forward_backward = ms.jit(net), ms.jit(_ForwardBackward(net))
     return {"forward": lambda: forward(x), "forward_backward": lambda: forward_backward(x, dout)}
@@ -196,8 +186,8 @@ def wait(result):
 
 
 def time_conv(impl, mode, shape, isa, repeat=1):
-    """Median seconds of `repeat` runs of one conv of `impl` at conv shape `shape`, `mode` "forward" or
-    "forward_backward", after one untimed run that compiles it."""
+    """Median seconds of `repeat` runs of one depthwise conv of `impl` at `shape` (batch, channels, height, width,
+    kernel), `mode` "forward" or "forward_backward", after one untimed run that compiles it."""
     run = conv_runs(impl, *shape, isa=isa)[mode]
     wait(run())
     times = []
@@ -209,8 +199,8 @@ def time_conv(impl, mode, shape, isa, repeat=1):
 
 
 def decide(shape, isa):
-    """"direct" or "native" at conv shape `shape` for the kernel build `isa`: the stored verdict, else measured
-    and stored, by forward+backward time (what training runs).
+    """"direct" or "native" at `shape` (batch, channels, height, width, kernel) for the kernel build `isa`: the
+    stored verdict, else measured and stored, by forward+backward time (what training runs).
 
     The native backward is slow where the direct kernel matters (K31@56x56x128, batch 8: ~9 s), so it is timed
     only when needed: direct forward+backward first, then native forward alone, and if that alone is slower,
@@ -246,13 +236,12 @@ def log_verdict(isa, key, impl, how):
 
 
 @ms.constexpr
-def direct_at(shape, isa):
-    """Whether an automatic conv runs direct at conv shape `shape`: read while MindSpore traces construct
-    (constexpr: plain Python at compile time), so it reads verdicts and never measures."""
-    kernel_size = shape[4]
-    if any(size is None or size < 0 for size in shape[:4]):  # a dynamic shape
+def direct_at(shape, kernel_size, isa):
+    """Whether an automatic conv runs direct at input `shape`: read while MindSpore traces construct (constexpr:
+    plain Python at compile time), so it reads verdicts and never measures."""
+    if any(size is None or size < 0 for size in shape):  # a dynamic shape
         return direct_when_undecided(kernel_size)
-    key = shape_key(*shape)
+    key = shape_key(*shape, kernel_size)
     impl = stored_verdicts(isa).get(key)
     if impl is None:
         log_verdict(isa, key, "direct" if direct_when_undecided(kernel_size) else "native",
@@ -290,29 +279,28 @@ def decide_for(net, input_shape):
     """Decide (measure, or read the stored verdict) every automatic conv of `net` for an input of `input_shape`
     (batch, channels, height, width), before a step or forward of `net` is compiled. Returns {shape key: impl}."""
     convs = [cell for _, cell in net.cells_and_names()
-             if isinstance(cell, KernelConv) and cell.automatic and cell.direct is not None]
+             if isinstance(cell, DepthwiseConv) and cell.automatic and cell.direct is not None]
     if not convs:
         return {}
     verdicts = {}
     for conv, shape in conv_input_shapes(net, convs, tuple(input_shape)).items():
-        conv_shape = conv.conv_shape(shape)
+        conv_shape = (*shape, conv.kernel_size[0])
         verdicts[shape_key(*conv_shape)] = decide(conv_shape, conv.isa)
     return verdicts
 
 
-class KernelConv(nn.Conv2d):
-    """An nn.Conv2d computed by `direct`, a compiled kernel's op (None: there is none), where it applies.
+class DepthwiseConv(nn.Conv2d):
+    """nn.Conv2d(channels, channels, K, padding=K // 2, group=channels) computed by the direct kernel.
 
     Subclassing nn.Conv2d keeps its parameters, their names, initialization and attributes (`kernel_size`,
     `stride`, ...), so code that reads a conv reads this one too. `automatic` uses the direct kernel only at
-    shapes where it was measured faster (`decide_for`); float32 only (other dtypes run the native conv).
-    Subclasses give `conv_shape(input_shape)`, the conv shape auto's verdicts are keyed by."""
+    shapes where it was measured faster (`decide_for`); float32 only (other dtypes run the native conv)."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, group, direct_op, has_bias, automatic, isa):
-        super().__init__(in_channels, out_channels, kernel_size, stride=1, pad_mode="pad", padding=kernel_size // 2,
-                         group=group, has_bias=has_bias)
+    def __init__(self, channels, kernel_size, has_bias=False, automatic=False, isa=None):
+        super().__init__(channels, channels, kernel_size, stride=1, pad_mode="pad", padding=kernel_size // 2,
+                         group=channels, has_bias=has_bias)
         self.isa = isa or kernels.isa_level()
-        self.direct = direct_op(self.isa) if device.cpu_kernels_enabled() else None
+        self.direct = direct_conv_op(self.isa) if device.cpu_kernels_enabled() else None
         self.automatic = automatic
 
     def use_direct(self, x):
@@ -320,7 +308,7 @@ class KernelConv(nn.Conv2d):
             return False
         if not self.automatic:
             return True
-        return direct_at(self.conv_shape(x.shape), self.isa)
+        return direct_at(x.shape, self.kernel_size[0], self.isa)
 
     def construct(self, x):
         if self.use_direct(x):
@@ -330,16 +318,6 @@ class KernelConv(nn.Conv2d):
         if self.has_bias:
             out = self.bias_add(out, self.bias)
         return out
-
-
-class DepthwiseConv(KernelConv):
-    """nn.Conv2d(channels, channels, K, padding=K // 2, group=channels) computed by the direct kernel."""
-
-    def __init__(self, channels, kernel_size, has_bias=False, automatic=False, isa=None):
-        super().__init__(channels, channels, kernel_size, channels, direct_conv_op, has_bias, automatic, isa)
-
-    def conv_shape(self, input_shape):
-        return tuple(input_shape) + (self.kernel_size[0],)
 
 
 def native_depthwise_conv(channels, kernel_size, has_bias=False):

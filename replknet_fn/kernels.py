@@ -132,15 +132,6 @@ def compile_flags(isa):
 
 
 @functools.lru_cache(maxsize=None)
-def sources_digest():
-    """A hash of every kernel source (csrc/*.cc): what the kernels compute and how fast."""
-    digest = hashlib.sha256()
-    for source in sorted(SOURCE_DIR.glob("*.cc")):
-        digest.update(source.name.encode() + b"\0" + source.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=None)
 def compiled_library(source, isa, fallback):
     """Path of the library compiled from `source` (a file in csrc/) for ISA level `isa`, built on first use, or
     None (after one warning that ends with `fallback`) if it cannot be.

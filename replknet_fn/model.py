@@ -9,7 +9,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from replknet_fn import batchnorm, conv1x1, device, dwconv, pointwise
+from replknet_fn import batchnorm, device, dwconv, pointwise
 from replknet_fn.parameters import write_parameter
 
 # Official `get_bn`: nn.BatchNorm2d defaults, eps 1e-5 and PyTorch momentum 0.1 (= MindSpore momentum 0.9).
@@ -22,11 +22,8 @@ def batch_norm(channels):
     return batchnorm.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
-def conv2d(in_channels, out_channels, kernel_size, stride=1, groups=1, has_bias=False, impl="native"):
-    """A conv with the official "same" padding (kernel_size // 2), bias-free like the official `conv_bn`; a dense
-    1x1 conv by `impl` (conv1x1.py), any other by MindSpore."""
-    if kernel_size == 1 and stride == 1 and groups == 1:
-        return conv1x1.pointwise_conv(in_channels, out_channels, impl, has_bias)
+def conv2d(in_channels, out_channels, kernel_size, stride=1, groups=1, has_bias=False):
+    """A conv with the official "same" padding (kernel_size // 2), bias-free like the official `conv_bn`."""
     return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
                      padding=kernel_size // 2, group=groups, has_bias=has_bias)
 
@@ -48,14 +45,12 @@ class ConvBN(nn.Cell):
         return ops.relu(x) if self.relu else x
 
 
-def conv_bn(in_channels, out_channels, kernel_size, stride=1, groups=1, impl="native"):
-    return ConvBN(conv2d(in_channels, out_channels, kernel_size, stride, groups, impl=impl), out_channels,
-                  relu=False)
+def conv_bn(in_channels, out_channels, kernel_size, stride=1, groups=1):
+    return ConvBN(conv2d(in_channels, out_channels, kernel_size, stride, groups), out_channels, relu=False)
 
 
-def conv_bn_relu(in_channels, out_channels, kernel_size, stride=1, groups=1, impl="native"):
-    return ConvBN(conv2d(in_channels, out_channels, kernel_size, stride, groups, impl=impl), out_channels,
-                  relu=True)
+def conv_bn_relu(in_channels, out_channels, kernel_size, stride=1, groups=1):
+    return ConvBN(conv2d(in_channels, out_channels, kernel_size, stride, groups), out_channels, relu=True)
 
 
 class DropPath(nn.Cell):
@@ -144,11 +139,11 @@ class RepLKBlock(nn.Cell):
                  large_kernel_impl="auto", index=0):
         super().__init__()
         self.prelkb_bn = batch_norm(in_channels)
-        self.pw1 = conv_bn_relu(in_channels, dw_channels, 1, impl=large_kernel_impl)
+        self.pw1 = conv_bn_relu(in_channels, dw_channels, 1)
         self.large_kernel = ReparamLargeKernelConv(dw_channels, large_kernel_size, small_kernel_size,
                                                    large_kernel_impl)
         self.lk_nonlinear = nn.ReLU()
-        self.pw2 = conv_bn(dw_channels, in_channels, 1, impl=large_kernel_impl)
+        self.pw2 = conv_bn(dw_channels, in_channels, 1)
         self.drop_path = drop_path_or_identity(drop_path_rate, index)
 
     def construct(self, x):
@@ -185,9 +180,9 @@ class ConvFFN(nn.Cell):
     def __init__(self, channels, internal_channels, drop_path_rate, index=0, impl="auto"):
         super().__init__()
         self.preffn_bn = batch_norm(channels)
-        self.pw1 = conv_bn(channels, internal_channels, 1, impl=impl)
+        self.pw1 = conv_bn(channels, internal_channels, 1)
         self.nonlinear = GELU(impl)
-        self.pw2 = conv_bn(internal_channels, channels, 1, impl=impl)
+        self.pw2 = conv_bn(internal_channels, channels, 1)
         self.drop_path = drop_path_or_identity(drop_path_rate, index)
 
     def construct(self, x):
@@ -221,8 +216,8 @@ class RepLKNetStage(nn.Cell):
         return x
 
 
-def transition(in_channels, out_channels, impl="native"):
-    return nn.SequentialCell([conv_bn_relu(in_channels, out_channels, 1, impl=impl),
+def transition(in_channels, out_channels):
+    return nn.SequentialCell([conv_bn_relu(in_channels, out_channels, 1),
                               conv_bn_relu(out_channels, out_channels, 3, stride=2, groups=out_channels)])
 
 
@@ -299,9 +294,9 @@ def build_replknet(large_kernel_sizes, layers, channels, drop_path_rate=0.0, sma
     `small_kernel=None` drops the parallel small kernel (RepLKNet-XL). `num_classes=None` builds the backbone
     without norm/pool/head. `out_indices` makes the network return a tuple of per-stage features.
     `recompute` recomputes each block's activations in the backward pass (gradient checkpointing).
-    `large_kernel_impl` picks how the stride-1 depthwise convs (large and small kernels, the stem's 3x3) and the
-    1x1 convs are computed (see `dwconv.py`, `conv1x1.py`), and "native" also keeps the exact GELU in MindSpore's
-    own ops (what MindIR export needs); parameters are the same whatever the choice.
+    `large_kernel_impl` picks how the stride-1 depthwise convs (large and small kernels, the stem's 3x3) are
+    computed (see `dwconv.py`), and "native" also keeps the exact GELU in MindSpore's own ops (what MindIR export
+    needs); parameters are the same whatever the choice.
     """
     if not (len(large_kernel_sizes) == len(layers) == len(channels)):
         raise ValueError(f"large_kernel_sizes {list(large_kernel_sizes)}, layers {list(layers)} and channels "
@@ -314,7 +309,7 @@ def build_replknet(large_kernel_sizes, layers, channels, drop_path_rate=0.0, sma
     stem = nn.CellList([
         conv_bn_relu(in_channels, base_width, 3, stride=2),
         ConvBN(dwconv.depthwise_conv(base_width, 3, large_kernel_impl), base_width, relu=True),
-        conv_bn_relu(base_width, base_width, 1, impl=large_kernel_impl),
+        conv_bn_relu(base_width, base_width, 1),
         conv_bn_relu(base_width, base_width, 3, stride=2, groups=base_width),
     ])
     # Drop-path rates rise linearly over all blocks, as in the official code (following Swin).
@@ -326,7 +321,7 @@ def build_replknet(large_kernel_sizes, layers, channels, drop_path_rate=0.0, sma
                                     rates[first:first + num_blocks], small_kernel, dw_ratio, ffn_ratio,
                                     norm_intermediate_features, recompute, large_kernel_impl, first))
         if stage_idx < len(layers) - 1:
-            transitions.append(transition(channels[stage_idx], channels[stage_idx + 1], large_kernel_impl))
+            transitions.append(transition(channels[stage_idx], channels[stage_idx + 1]))
     if recompute:
         for layer in list(stem)[1:]:
             layer.recompute()

@@ -37,33 +37,6 @@ def relative_error(actual, expected):
     return float(np.abs(np.asarray(actual) - expected).max() / np.abs(expected).max())
 
 
-# ---- convs with a compiled kernel against MindSpore's (test_dwconv, test_conv1x1) ----------------------------------
-
-def outputs_and_gradients(conv, x, out_grad, jit):
-    """conv(x), d/dx, and d/dparameter of sum(conv(x) * out_grad)."""
-    import mindspore as ms
-
-    def loss(x):
-        out = conv(x)
-        return (out * out_grad).sum(), out
-
-    grad_fn = ms.value_and_grad(loss, 0, conv.trainable_params(), has_aux=True)
-    if jit:
-        grad_fn = ms.jit(grad_fn)
-    (_, out), (x_grad, param_grads) = grad_fn(x)
-    return [out.asnumpy(), x_grad.asnumpy()] + [grad.asnumpy() for grad in param_grads]
-
-
-def same_weights(reference, conv):
-    for source, target in zip(reference.trainable_params(), conv.trainable_params()):
-        target.set_data(source.data.copy())
-
-
-def random_tensor(rng, shape):
-    import mindspore as ms
-    return ms.Tensor(rng.standard_normal(shape).astype(np.float32))
-
-
 # ---- a short training run's arguments and result (test_train, test_faults) --------------------------------------
 
 def run_args(data_dir, ckpt_dir, *extra):

@@ -10,7 +10,7 @@ import pytest
 
 from replknet_fn import dwconv, kernels
 
-from conftest import outputs_and_gradients, random_tensor, relative_error, same_weights
+from conftest import relative_error
 
 TOLERANCE = 1e-5
 FAST_IMPLS = [impl for impl in dwconv.IMPLEMENTATIONS if impl != "native"]
@@ -34,6 +34,28 @@ SHAPES = [
 def shape_id(shape):
     batch, channels, height, width, kernel_size = shape
     return f"B{batch}C{channels}_{height}x{width}_K{kernel_size}"
+
+
+def outputs_and_gradients(conv, x, out_grad, jit):
+    """conv(x), d/dx, and d/dparameter of sum(conv(x) * out_grad)."""
+    def loss(x):
+        out = conv(x)
+        return (out * out_grad).sum(), out
+
+    grad_fn = ms.value_and_grad(loss, 0, conv.trainable_params(), has_aux=True)
+    if jit:
+        grad_fn = ms.jit(grad_fn)
+    (_, out), (x_grad, param_grads) = grad_fn(x)
+    return [out.asnumpy(), x_grad.asnumpy()] + [grad.asnumpy() for grad in param_grads]
+
+
+def same_weights(reference, conv):
+    for source, target in zip(reference.trainable_params(), conv.trainable_params()):
+        target.set_data(source.data.copy())
+
+
+def random_tensor(rng, shape):
+    return ms.Tensor(rng.standard_normal(shape).astype(np.float32))
 
 
 def assert_matches_native(impl, shape, jit, has_bias=False, seed=0, isa=None):
