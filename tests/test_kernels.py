@@ -14,6 +14,7 @@ from mindspore import nn, ops
 from replknet_fn import batchnorm, dwconv, kernels, pointwise
 
 ISA_LEVELS = kernels.supported_isa_levels()
+SOURCES = sorted(kernels.SOURCE_DIR.glob("*.cc"))  # every kernel, including the next one written
 
 
 def test_the_default_level_is_the_highest_the_cpu_runs(monkeypatch):
@@ -66,7 +67,7 @@ def portable_flags():
     return [flag for flag in kernels.compile_flags("portable") if not flag.startswith(("-march", "-mtune"))]
 
 
-@pytest.mark.parametrize("source", [dwconv.SOURCE, pointwise.SOURCE, batchnorm.SOURCE], ids=lambda path: path.name)
+@pytest.mark.parametrize("source", SOURCES, ids=lambda path: path.name)
 def test_the_portable_build_has_no_asm_or_intrinsics(source):
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
@@ -77,7 +78,7 @@ def test_the_portable_build_has_no_asm_or_intrinsics(source):
     assert "asm" not in ours and "_mm" not in ours
 
 
-@pytest.mark.parametrize("source", [dwconv.SOURCE, pointwise.SOURCE, batchnorm.SOURCE], ids=lambda path: path.name)
+@pytest.mark.parametrize("source", SOURCES, ids=lambda path: path.name)
 def test_the_portable_build_compiles_for_arm(source, tmp_path):
     compiler = shutil.which("aarch64-linux-gnu-g++")
     if compiler is None:
