@@ -1,7 +1,8 @@
-"""Large-kernel depthwise convolution (stride 1, "same" padding) and the choice of its implementation.
+"""Depthwise convolution ("same" padding, stride 1 or 2) and the choice of its implementation.
 
-`depthwise_conv(channels, kernel_size, impl)` returns a cell with one parameter `weight` of shape
+`depthwise_conv(channels, kernel_size, impl, stride=1)` returns a cell with one parameter `weight` of shape
 (channels, 1, K, K) (plus `bias` when asked), whatever the implementation, so checkpoints do not depend on it.
+Stride 2 is the stem's and the transitions' 3x3 (see csrc/dwconv.cc for how the kernel computes it).
 
 - "native": MindSpore's `nn.Conv2d(group=channels)` (oneDNN); the reference, and what deploy export uses.
 - "direct": a compiled C++ kernel (`csrc/dwconv.cc`) called through `ops.Custom(func_type="aot")`, with its own
@@ -68,6 +69,30 @@ def direct_conv_op(isa):
     return ops.Custom(f"{path}:dwconv_forward", same_shape, same_dtype, func_type="aot", bprop=bprop)
 
 
+def stride2_shape(x_shape, weight_shape):
+    return [x_shape[0], x_shape[1], (x_shape[2] + 1) // 2, (x_shape[3] + 1) // 2]
+
+
+def third_shape(dy_shape, weight_shape, x_shape):
+    return x_shape
+
+
+@kernels.per_isa_level
+def direct_stride2_conv_op(isa):
+    """As `direct_conv_op`, at stride 2; the input gradient reads x's shape (odd or even size)."""
+    path = library(isa)
+    if path is None:
+        return None
+    same_dtype = kernels.same_dtype
+    input_grad = ops.Custom(f"{path}:dwconv_stride2_input_grad", third_shape, same_dtype, func_type="aot")
+    weight_grad = ops.Custom(f"{path}:dwconv_stride2_weight_grad", kernel_shape, same_dtype, func_type="aot")
+
+    def bprop(x, weight, out, dout):
+        return input_grad(dout, weight, x), weight_grad(x, dout, weight)
+
+    return ops.Custom(f"{path}:dwconv_stride2_forward", stride2_shape, same_dtype, func_type="aot", bprop=bprop)
+
+
 def direct_when_undecided(kernel_size):
     """Direct or not at a shape with no measured verdict: the direct kernel was as fast or faster than native for
     every K >= 3 measured on an AVX-512 machine, native faster at K = 1 (BENCHMARKS.md)."""
@@ -83,8 +108,9 @@ _logged = set()
 _recording_shapes = False
 
 
-def shape_key(batch, channels, height, width, kernel_size):
-    return f"B{batch}C{channels}_{height}x{width}_K{kernel_size}"
+def shape_key(batch, channels, height, width, kernel_size, stride=1):
+    key = f"B{batch}C{channels}_{height}x{width}_K{kernel_size}"
+    return key if stride == 1 else f"{key}_S{stride}"
 
 
 def machine_key(isa):
@@ -147,14 +173,14 @@ class _ForwardBackward(nn.Cell):
         return self.net(x), self.grad(self.net, self.params)(x, dout)
 
 
-def conv_runs(impl, batch, channels, height, width, kernel_size, isa=None):
+def conv_runs(impl, batch, channels, height, width, kernel_size, stride=1, isa=None):
     """{"forward", "forward_backward"}: jitted no-argument callables running one depthwise conv of `impl` on a
     random input of that shape (forward+backward: also the input and weight gradients for a random output
     gradient)."""
     rng = np.random.default_rng(0)
-    x, dout = (ms.Tensor(rng.standard_normal((batch, channels, height, width)).astype(np.float32))
-               for _ in range(2))
-    net = depthwise_conv(channels, kernel_size, impl, isa=isa)
+    shapes = [(batch, channels, height, width), (batch, channels, -(-height // stride), -(-width // stride))]
+    x, dout = (ms.Tensor(rng.standard_normal(shape).astype(np.float32)) for shape in shapes)
+    net = depthwise_conv(channels, kernel_size, impl, isa=isa, stride=stride)
     # Cells jitted: a new @jit function per shape would make MindSpore warn "compiled again" each time.
     forward, forward_backward = ms.jit(net), ms.jit(_ForwardBackward(net))
     return {"forward": lambda: forward(x), "forward_backward": lambda: forward_backward(x, dout)}
@@ -187,7 +213,7 @@ def wait(result):
 
 def time_conv(impl, mode, shape, isa, repeat=1):
     """Median seconds of `repeat` runs of one depthwise conv of `impl` at `shape` (batch, channels, height, width,
-    kernel), `mode` "forward" or "forward_backward", after one untimed run that compiles it."""
+    kernel[, stride]), `mode` "forward" or "forward_backward", after one untimed run that compiles it."""
     run = conv_runs(impl, *shape, isa=isa)[mode]
     wait(run())
     times = []
@@ -199,8 +225,8 @@ def time_conv(impl, mode, shape, isa, repeat=1):
 
 
 def decide(shape, isa):
-    """"direct" or "native" at `shape` (batch, channels, height, width, kernel) for the kernel build `isa`: the
-    stored verdict, else measured and stored, by forward+backward time (what training runs).
+    """"direct" or "native" at `shape` (batch, channels, height, width, kernel[, stride]) for the kernel build
+    `isa`: the stored verdict, else measured and stored, by forward+backward time (what training runs).
 
     The native backward is slow where the direct kernel matters (K31@56x56x128, batch 8: ~9 s), so it is timed
     only when needed: direct forward+backward first, then native forward alone, and if that alone is slower,
@@ -236,12 +262,12 @@ def log_verdict(isa, key, impl, how):
 
 
 @ms.constexpr
-def direct_at(shape, kernel_size, isa):
+def direct_at(shape, kernel_size, stride, isa):
     """Whether an automatic conv runs direct at input `shape`: read while MindSpore traces construct (constexpr:
     plain Python at compile time), so it reads verdicts and never measures."""
     if any(size is None or size < 0 for size in shape):  # a dynamic shape
         return direct_when_undecided(kernel_size)
-    key = shape_key(*shape, kernel_size)
+    key = shape_key(*shape, kernel_size, stride)
     impl = stored_verdicts(isa).get(key)
     if impl is None:
         log_verdict(isa, key, "direct" if direct_when_undecided(kernel_size) else "native",
@@ -284,23 +310,24 @@ def decide_for(net, input_shape):
         return {}
     verdicts = {}
     for conv, shape in conv_input_shapes(net, convs, tuple(input_shape)).items():
-        conv_shape = (*shape, conv.kernel_size[0])
+        conv_shape = (*shape, conv.kernel_size[0], conv.stride[0])
         verdicts[shape_key(*conv_shape)] = decide(conv_shape, conv.isa)
     return verdicts
 
 
 class DepthwiseConv(nn.Conv2d):
-    """nn.Conv2d(channels, channels, K, padding=K // 2, group=channels) computed by the direct kernel.
+    """nn.Conv2d(channels, channels, K, stride, padding=K // 2, group=channels) computed by the direct kernel.
 
     Subclassing nn.Conv2d keeps its parameters, their names, initialization and attributes (`kernel_size`,
     `stride`, ...), so code that reads a conv reads this one too. `automatic` uses the direct kernel only at
     shapes where it was measured faster (`decide_for`); float32 only (other dtypes run the native conv)."""
 
-    def __init__(self, channels, kernel_size, has_bias=False, automatic=False, isa=None):
-        super().__init__(channels, channels, kernel_size, stride=1, pad_mode="pad", padding=kernel_size // 2,
+    def __init__(self, channels, kernel_size, has_bias=False, automatic=False, isa=None, stride=1):
+        super().__init__(channels, channels, kernel_size, stride=stride, pad_mode="pad", padding=kernel_size // 2,
                          group=channels, has_bias=has_bias)
         self.isa = isa or kernels.isa_level()
-        self.direct = direct_conv_op(self.isa) if device.cpu_kernels_enabled() else None
+        op = direct_conv_op if stride == 1 else direct_stride2_conv_op
+        self.direct = op(self.isa) if device.cpu_kernels_enabled() else None
         self.automatic = automatic
 
     def use_direct(self, x):
@@ -308,7 +335,7 @@ class DepthwiseConv(nn.Conv2d):
             return False
         if not self.automatic:
             return True
-        return direct_at(x.shape, self.kernel_size[0], self.isa)
+        return direct_at(x.shape, self.kernel_size[0], self.stride[0], self.isa)
 
     def construct(self, x):
         if self.use_direct(x):
@@ -320,16 +347,18 @@ class DepthwiseConv(nn.Conv2d):
         return out
 
 
-def native_depthwise_conv(channels, kernel_size, has_bias=False):
-    return nn.Conv2d(channels, channels, kernel_size, stride=1, pad_mode="pad", padding=kernel_size // 2,
+def native_depthwise_conv(channels, kernel_size, has_bias=False, stride=1):
+    return nn.Conv2d(channels, channels, kernel_size, stride=stride, pad_mode="pad", padding=kernel_size // 2,
                      group=channels, has_bias=has_bias)
 
 
-def depthwise_conv(channels, kernel_size, impl="native", has_bias=False, isa=None):
-    """`isa`: the kernel build's ISA level (kernels.py), by default `kernels.isa_level()`."""
+def depthwise_conv(channels, kernel_size, impl="native", has_bias=False, isa=None, stride=1):
+    """`isa`: the kernel build's ISA level (kernels.py), by default `kernels.isa_level()`; `stride` 1 or 2."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"large_kernel_impl {impl!r}: choose one of {list(IMPLEMENTATIONS)}")
+    if stride not in (1, 2):
+        raise ValueError(f"depthwise conv stride {stride!r}: the kernels implement 1 and 2")
     if impl == "native" or kernel_size % 2 == 0:
         # The kernels implement odd K only (even K has no symmetric "same" padding).
-        return native_depthwise_conv(channels, kernel_size, has_bias)
-    return DepthwiseConv(channels, kernel_size, has_bias, automatic=impl == "auto", isa=isa)
+        return native_depthwise_conv(channels, kernel_size, has_bias, stride)
+    return DepthwiseConv(channels, kernel_size, has_bias, automatic=impl == "auto", isa=isa, stride=stride)

@@ -216,9 +216,10 @@ class RepLKNetStage(nn.Cell):
         return x
 
 
-def transition(in_channels, out_channels):
+def transition(in_channels, out_channels, large_kernel_impl="auto"):
     return nn.SequentialCell([conv_bn_relu(in_channels, out_channels, 1),
-                              conv_bn_relu(out_channels, out_channels, 3, stride=2, groups=out_channels)])
+                              ConvBN(dwconv.depthwise_conv(out_channels, 3, large_kernel_impl, stride=2),
+                                     out_channels, relu=True)])
 
 
 class GlobalAvgPool(nn.Cell):
@@ -294,9 +295,9 @@ def build_replknet(large_kernel_sizes, layers, channels, drop_path_rate=0.0, sma
     `small_kernel=None` drops the parallel small kernel (RepLKNet-XL). `num_classes=None` builds the backbone
     without norm/pool/head. `out_indices` makes the network return a tuple of per-stage features.
     `recompute` recomputes each block's activations in the backward pass (gradient checkpointing).
-    `large_kernel_impl` picks how the stride-1 depthwise convs (large and small kernels, the stem's 3x3) are
-    computed (see `dwconv.py`), and "native" also keeps the exact GELU in MindSpore's own ops (what MindIR export
-    needs); parameters are the same whatever the choice.
+    `large_kernel_impl` picks how the depthwise convs (large and small kernels, the stem's and the transitions'
+    3x3) are computed (see `dwconv.py`), and "native" also keeps the exact GELU in MindSpore's own ops (what
+    MindIR export needs); parameters are the same whatever the choice.
     """
     if not (len(large_kernel_sizes) == len(layers) == len(channels)):
         raise ValueError(f"large_kernel_sizes {list(large_kernel_sizes)}, layers {list(layers)} and channels "
@@ -310,7 +311,7 @@ def build_replknet(large_kernel_sizes, layers, channels, drop_path_rate=0.0, sma
         conv_bn_relu(in_channels, base_width, 3, stride=2),
         ConvBN(dwconv.depthwise_conv(base_width, 3, large_kernel_impl), base_width, relu=True),
         conv_bn_relu(base_width, base_width, 1),
-        conv_bn_relu(base_width, base_width, 3, stride=2, groups=base_width),
+        ConvBN(dwconv.depthwise_conv(base_width, 3, large_kernel_impl, stride=2), base_width, relu=True),
     ])
     # Drop-path rates rise linearly over all blocks, as in the official code (following Swin).
     rates = linspace(0.0, drop_path_rate, sum(layers))
@@ -321,7 +322,7 @@ def build_replknet(large_kernel_sizes, layers, channels, drop_path_rate=0.0, sma
                                     rates[first:first + num_blocks], small_kernel, dw_ratio, ffn_ratio,
                                     norm_intermediate_features, recompute, large_kernel_impl, first))
         if stage_idx < len(layers) - 1:
-            transitions.append(transition(channels[stage_idx], channels[stage_idx + 1]))
+            transitions.append(transition(channels[stage_idx], channels[stage_idx + 1], large_kernel_impl))
     if recompute:
         for layer in list(stem)[1:]:
             layer.recompute()

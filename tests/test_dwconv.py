@@ -58,16 +58,16 @@ def random_tensor(rng, shape):
     return ms.Tensor(rng.standard_normal(shape).astype(np.float32))
 
 
-def assert_matches_native(impl, shape, jit, has_bias=False, seed=0, isa=None):
+def assert_matches_native(impl, shape, jit, has_bias=False, seed=0, isa=None, stride=1):
     batch, channels, height, width, kernel_size = shape
     rng = np.random.default_rng(seed)
-    native = dwconv.depthwise_conv(channels, kernel_size, "native", has_bias)
-    conv = dwconv.depthwise_conv(channels, kernel_size, impl, has_bias, isa=isa)
+    native = dwconv.depthwise_conv(channels, kernel_size, "native", has_bias, stride=stride)
+    conv = dwconv.depthwise_conv(channels, kernel_size, impl, has_bias, isa=isa, stride=stride)
     if has_bias:
         native.bias.set_data(random_tensor(rng, (channels,)))
     same_weights(native, conv)
     x = random_tensor(rng, (batch, channels, height, width))
-    out_grad = random_tensor(rng, (batch, channels, height, width))
+    out_grad = random_tensor(rng, (batch, channels, -(-height // stride), -(-width // stride)))
     expected = outputs_and_gradients(native, x, out_grad, jit)
     actual = outputs_and_gradients(conv, x, out_grad, jit)
     names = ["output", "input grad", "weight grad", "bias grad"]
@@ -86,6 +86,22 @@ def test_output_and_gradients_match_native(isa, shape):
 @pytest.mark.parametrize("isa", ISA_LEVELS)
 def test_output_and_gradients_match_native_under_jit(isa, shape):
     assert_matches_native("direct", shape, jit=True, isa=isa)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["pynative", "jit"])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8, 3), (3, 2, 7, 9, 3), (1, 3, 1, 2, 3), (17, 2, 5, 5, 5)], ids=shape_id)
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+def test_stride_2_output_and_gradients_match_native(isa, shape, jit):
+    """Stride 2 (the stem's and the transitions' 3x3): even and odd map sizes, a map smaller than the kernel."""
+    assert_matches_native("direct", shape, jit, isa=isa, stride=2)
+
+
+def test_stride_2_has_the_native_conv_s_parameters_and_attributes():
+    native, conv = (dwconv.depthwise_conv(4, 3, impl, stride=2) for impl in ("native", "direct"))
+    assert [(p.name, p.shape) for p in conv.get_parameters()] == [(p.name, p.shape) for p in native.get_parameters()]
+    assert conv.stride == native.stride and conv.padding == native.padding and conv.group == native.group
+    with pytest.raises(ValueError, match="stride 3"):
+        dwconv.depthwise_conv(4, 3, "direct", stride=3)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["pynative", "jit"])
@@ -339,3 +355,20 @@ def test_the_kernels_called_from_numpy_refuse_other_dtypes():
     x = np.zeros((1, 1, 3, 3))
     with pytest.raises(ValueError, match="dwconv_forward: the kernels take C-contiguous float32"):
         kernels.aot_call(dwconv.library(kernels.isa_level()), "dwconv_forward", [x, x, x])
+
+
+def test_auto_decides_stride_2_convs_apart_from_stride_1(verdict_cache, monkeypatch):
+    net = ms.nn.SequentialCell([dwconv.depthwise_conv(4, 3, "auto", stride=2), dwconv.depthwise_conv(4, 3, "auto")])
+    shapes = []
+
+    def time_conv(impl, mode, shape, isa, repeat=1):
+        shapes.append(tuple(shape))
+        return {("direct", "forward_backward"): 0.05, ("native", "forward"): 0.6}[(impl, mode)]
+
+    monkeypatch.setattr(dwconv, "time_conv", time_conv)
+    verdicts = dwconv.decide_for(net, (2, 4, 8, 8))
+    assert set(verdicts) == {"B2C4_8x8_K3_S2", "B2C4_4x4_K3"}
+    assert (2, 4, 8, 8, 3, 2) in shapes
+    runs = dwconv.conv_runs("direct", 2, 4, 8, 8, 3, 2)
+    out, _ = runs["forward_backward"]()
+    assert out.shape == (2, 4, 4, 4)
