@@ -52,45 +52,47 @@ def kernel_shape(x_shape, dy_shape, weight_shape):
     return weight_shape
 
 
-@kernels.per_isa_level
-def direct_conv_op(isa):
-    """The forward custom op, whose bprop calls the input- and weight-gradient kernels; None without a library."""
-    path = library(isa)
-    if path is None:
-        return None
-    same_shape, same_dtype = kernels.same_shape, kernels.same_dtype
-    input_grad = ops.Custom(f"{path}:dwconv_input_grad", same_shape, same_dtype, func_type="aot")
-    weight_grad = ops.Custom(f"{path}:dwconv_weight_grad", kernel_shape, same_dtype, func_type="aot")
-
-    def bprop(x, weight, out, dout):
-        # dx is the same convolution of dout with the kernel flipped; dweight correlates x with dout.
-        return input_grad(dout, weight), weight_grad(x, dout, weight)
-
-    return ops.Custom(f"{path}:dwconv_forward", same_shape, same_dtype, func_type="aot", bprop=bprop)
-
-
 def stride2_shape(x_shape, weight_shape):
     return [x_shape[0], x_shape[1], (x_shape[2] + 1) // 2, (x_shape[3] + 1) // 2]
 
 
-def third_shape(dy_shape, weight_shape, x_shape):
+def x_shape_last(dy_shape, weight_shape, x_shape):
     return x_shape
+
+
+def conv_op(isa, stride):
+    """The forward custom op at `stride` (1 or 2), whose bprop calls the input- and weight-gradient kernels; None
+    without a library. dx is the same convolution of dout with the kernel flipped, dweight correlates x with dout;
+    at stride 2 the input-gradient kernel also takes x, for its shape (odd or even size)."""
+    path = library(isa)
+    if path is None:
+        return None
+    name = "dwconv" if stride == 1 else "dwconv_stride2"
+    same_dtype = kernels.same_dtype
+    weight_grad = ops.Custom(f"{path}:{name}_weight_grad", kernel_shape, same_dtype, func_type="aot")
+    if stride == 1:
+        input_grad = ops.Custom(f"{path}:{name}_input_grad", kernels.same_shape, same_dtype, func_type="aot")
+
+        def bprop(x, weight, out, dout):
+            return input_grad(dout, weight), weight_grad(x, dout, weight)
+    else:
+        input_grad = ops.Custom(f"{path}:{name}_input_grad", x_shape_last, same_dtype, func_type="aot")
+
+        def bprop(x, weight, out, dout):
+            return input_grad(dout, weight, x), weight_grad(x, dout, weight)
+
+    forward_shape = kernels.same_shape if stride == 1 else stride2_shape
+    return ops.Custom(f"{path}:{name}_forward", forward_shape, same_dtype, func_type="aot", bprop=bprop)
+
+
+@kernels.per_isa_level
+def direct_conv_op(isa):
+    return conv_op(isa, 1)
 
 
 @kernels.per_isa_level
 def direct_stride2_conv_op(isa):
-    """As `direct_conv_op`, at stride 2; the input gradient reads x's shape (odd or even size)."""
-    path = library(isa)
-    if path is None:
-        return None
-    same_dtype = kernels.same_dtype
-    input_grad = ops.Custom(f"{path}:dwconv_stride2_input_grad", third_shape, same_dtype, func_type="aot")
-    weight_grad = ops.Custom(f"{path}:dwconv_stride2_weight_grad", kernel_shape, same_dtype, func_type="aot")
-
-    def bprop(x, weight, out, dout):
-        return input_grad(dout, weight, x), weight_grad(x, dout, weight)
-
-    return ops.Custom(f"{path}:dwconv_stride2_forward", stride2_shape, same_dtype, func_type="aot", bprop=bprop)
+    return conv_op(isa, 2)
 
 
 def direct_when_undecided(kernel_size):
