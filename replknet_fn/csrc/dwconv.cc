@@ -466,17 +466,23 @@ bool is_half_of(const int64_t *small, const int64_t *full) {
          small[3] == (full[3] + 1) / 2;
 }
 
-// A zeroed map of `full` shape with small[b, c, i, j] at [b, c, 2i, 2j].
-std::vector<float> spread(const float *small, const int64_t *full) {
-  std::vector<float> map(elements(full), 0.0f);
+// For each pixel [b, c, i, j] of the stride-2 map: f(its pixel [b, c, 2i, 2j] in a `full`-shaped map, itself).
+template <typename Map, typename Small, typename F>
+void even_pixels(const int64_t *full, Map *map, Small *small, F f) {
   const int64_t planes = full[0] * full[1], height = (full[2] + 1) / 2, width = (full[3] + 1) / 2;
   for (int64_t p = 0; p < planes; ++p) {
     for (int64_t i = 0; i < height; ++i) {
-      float *row = map.data() + (p * full[2] + 2 * i) * full[3];
-      const float *source = small + (p * height + i) * width;
-      for (int64_t j = 0; j < width; ++j) row[2 * j] = source[j];
+      Map *row = map + (p * full[2] + 2 * i) * full[3];
+      Small *pixels = small + (p * height + i) * width;
+      for (int64_t j = 0; j < width; ++j) f(row[2 * j], pixels[j]);
     }
   }
+}
+
+// A zeroed map of `full` shape with small[b, c, i, j] at [b, c, 2i, 2j].
+std::vector<float> spread(const float *small, const int64_t *full) {
+  std::vector<float> map(elements(full), 0.0f);
+  even_pixels(full, map.data(), small, [](float &pixel, float value) { pixel = value; });
   return map;
 }
 
@@ -517,15 +523,8 @@ extern "C" int dwconv_stride2_forward(int nparam, void **params, int *ndims, int
   const Geometry g(shapes[0], int(shapes[1][2]));
   std::vector<float> full(elements(shapes[0]));
   convolve(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]), full.data(), g, false);
-  float *y = static_cast<float *>(params[2]);
-  const int64_t planes = shapes[0][0] * shapes[0][1], height = shapes[2][2], width = shapes[2][3];
-  for (int64_t p = 0; p < planes; ++p) {
-    for (int64_t i = 0; i < height; ++i) {
-      const float *row = full.data() + (p * shapes[0][2] + 2 * i) * shapes[0][3];
-      float *target = y + (p * height + i) * width;
-      for (int64_t j = 0; j < width; ++j) target[j] = row[2 * j];
-    }
-  }
+  const float *computed = full.data();
+  even_pixels(shapes[0], computed, static_cast<float *>(params[2]), [](float pixel, float &y) { y = pixel; });
   return 0;
 }
 
