@@ -53,6 +53,11 @@ def conv_bn_relu(in_channels, out_channels, kernel_size, stride=1, groups=1):
     return ConvBN(conv2d(in_channels, out_channels, kernel_size, stride, groups), out_channels, relu=True)
 
 
+def depthwise_conv_bn_relu(channels, kernel_size, large_kernel_impl, stride=1):
+    """conv_bn_relu(channels, channels, kernel_size, stride, groups=channels) by `large_kernel_impl` (dwconv.py)."""
+    return ConvBN(dwconv.depthwise_conv(channels, kernel_size, large_kernel_impl, stride=stride), channels, relu=True)
+
+
 class DropPath(nn.Cell):
     """Stochastic depth per sample (timm's DropPath, which the official code uses), with resumable randomness.
 
@@ -218,8 +223,7 @@ class RepLKNetStage(nn.Cell):
 
 def transition(in_channels, out_channels, large_kernel_impl="auto"):
     return nn.SequentialCell([conv_bn_relu(in_channels, out_channels, 1),
-                              ConvBN(dwconv.depthwise_conv(out_channels, 3, large_kernel_impl, stride=2),
-                                     out_channels, relu=True)])
+                              depthwise_conv_bn_relu(out_channels, 3, large_kernel_impl, stride=2)])
 
 
 class GlobalAvgPool(nn.Cell):
@@ -309,9 +313,9 @@ def build_replknet(large_kernel_sizes, layers, channels, drop_path_rate=0.0, sma
     base_width = channels[0]
     stem = nn.CellList([
         conv_bn_relu(in_channels, base_width, 3, stride=2),
-        ConvBN(dwconv.depthwise_conv(base_width, 3, large_kernel_impl), base_width, relu=True),
+        depthwise_conv_bn_relu(base_width, 3, large_kernel_impl),
         conv_bn_relu(base_width, base_width, 1),
-        ConvBN(dwconv.depthwise_conv(base_width, 3, large_kernel_impl, stride=2), base_width, relu=True),
+        depthwise_conv_bn_relu(base_width, 3, large_kernel_impl, stride=2),
     ])
     # Drop-path rates rise linearly over all blocks, as in the official code (following Swin).
     rates = linspace(0.0, drop_path_rate, sum(layers))
