@@ -1,5 +1,5 @@
-"""Exact GELU, drop path's per-sample scaling, and the global norm, gradient scaling and AdamW update (each one op
-over all parameters) as compiled one-pass kernels (`csrc/pointwise.cc`), built by kernels.py.
+"""Exact GELU, drop path, and the global norm, gradient scaling and AdamW update (each one op over all parameters)
+as compiled one-pass kernels (`csrc/pointwise.cc`), built by kernels.py.
 
 Measured on RepLKNet-31B (batch 4 @224, 2 shared cores): MindSpore builds the exact (erf) GELU and its gradient from
 ~10 primitives, 1.4 s of a 6.5 s train step; its fused AdamWeightDecay kernel takes ~0.4-0.8 s over the 80M
@@ -35,21 +35,24 @@ def gelu_op(isa):
 
 
 @kernels.per_isa_level
-def scale_samples_op(isa):
-    """(x, k) -> x * k[b] for each sample b (float32; k of shape (batch,)): drop path's mask. Its bprop scales the
-    output gradient by k and uses nothing else: with MindSpore's broadcast Mul, whose gradient also covers k,
-    RepLKNet-31B training (batch 4) peaked 0.7 GB higher (4.89 vs 4.22 GB), its first step compiled ~7 s longer and
-    each step ran ~0.5 s slower, although k is under stop_gradient (measured, MindSpore 2.8 CPU). None without a
-    library."""
+def drop_path_op(isa):
+    """(x, seed, stream, keep_prob) -> x[b] * mask[b] for each sample b (x float32, seed and stream int32 and
+    keep_prob float32 scalars): DropPath in one op, its mask `floor(keep_prob + u) / keep_prob` from u =
+    `model.hash_uniform(seed, stream, batch)` computed in the kernel, bit for bit as the graph computes it. Its
+    bprop masks the output gradient the same way and uses nothing else. Measured (MindSpore 2.8 CPU): the hash in
+    MindSpore's ops was ~15 small ops per DropPath, 136 of the 469 ops each demo step launched (~30-50 us each); and
+    MindSpore's broadcast Mul by the mask, whose gradient also covers the mask, made 31B training (batch 4) peak
+    0.7 GB higher and compile ~7 s longer, although the mask is under stop_gradient. None without a library."""
     path = library(isa)
     if path is None:
         return None
-    scale = ops.Custom(f"{path}:scale_samples", same_shape, same_dtype, func_type="aot")
+    masked = ops.Custom(f"{path}:drop_path", same_shape, same_dtype, func_type="aot")
 
-    def bprop(x, k, out, dout):
-        return scale(dout, k), ops.zeros_like(k)
+    def bprop(x, seed, stream, keep_prob, out, dout):
+        return masked(dout, seed, stream, keep_prob), ops.zeros_like(seed), ops.zeros_like(stream), \
+            ops.zeros_like(keep_prob)
 
-    return ops.Custom(f"{path}:scale_samples", same_shape, same_dtype, func_type="aot", bprop=bprop)
+    return ops.Custom(f"{path}:drop_path", same_shape, same_dtype, func_type="aot", bprop=bprop)
 
 
 def scalar_shape(*_):

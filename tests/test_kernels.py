@@ -152,18 +152,31 @@ def test_adamw_follows_torch_in_place_for_every_parameter(isa):
 
 
 @pytest.mark.parametrize("isa", ISA_LEVELS)
-def test_scale_samples_scales_each_sample_and_its_gradient_by_its_factor(isa):
+def test_drop_path_kernel_masks_each_sample_as_the_graph_hash_does_and_its_gradient_alike(isa):
+    """The kernel's mask equals DropPath's graph path (model.hash_uniform, MindSpore's int32 and float32 ops) bit
+    for bit: seeds whose hash wraps around int32 both ways, several streams, and keep probabilities set right at a
+    sample's threshold (keep = 1 - u, and one float step below), so that a hash off by its last bit changes a mask."""
+    from replknet_fn.model import hash_uniform
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((3, 5, 7, 9)).astype(np.float32)  # 315 floats per sample: not a multiple of any width
-    k = np.array([0.0, 1.25, 2.5], np.float32)
+    samples = 16
+    x = rng.standard_normal((samples, 5, 7, 9)).astype(np.float32)  # 315 floats per sample: no vector width
     dout = rng.standard_normal(x.shape).astype(np.float32)
-    scale = pointwise.scale_samples_op(isa)
-    expected = x * k[:, None, None, None]
-    np.testing.assert_array_equal(scale(ms.Tensor(x), ms.Tensor(k)).asnumpy(), expected)
-    grad_x, grad_k = ms.grad(lambda a, b: (scale(a, b) * ms.Tensor(dout)).sum(), grad_position=(0, 1))(
-        ms.Tensor(x), ms.Tensor(k))
-    np.testing.assert_array_equal(grad_x.asnumpy(), dout * k[:, None, None, None])
-    np.testing.assert_array_equal(grad_k.asnumpy(), np.zeros(3, np.float32))  # a mask: a constant of the step
+    kernel = pointwise.drop_path_op(isa)
+    kept = dropped = 0
+    for seed, stream in [(0, 0), (11, 3), (2 ** 31 - 1, 47), (123456789, 1)]:
+        uniform = hash_uniform(ms.Tensor(seed, ms.int32), stream, samples)
+        thresholds = [np.float32(1) - u for u in uniform.asnumpy()[:4] if u > 0]
+        for keep_prob in [0.9714285714285714] + thresholds + [t - np.float32(2 ** -24) for t in thresholds]:
+            mask = (ops.floor(ms.Tensor(keep_prob, ms.float32) + uniform) / ms.Tensor(keep_prob, ms.float32))
+            mask = mask.asnumpy()
+            kept, dropped = kept + np.count_nonzero(mask), dropped + np.count_nonzero(mask == 0)
+            constants = (ms.Tensor(seed, ms.int32), ms.Tensor(stream, ms.int32), ms.Tensor(keep_prob, ms.float32))
+            expected = x * mask[:, None, None, None]
+            np.testing.assert_array_equal(kernel(ms.Tensor(x), *constants).asnumpy(), expected)
+            grad_x = ms.grad(lambda a, s, i, k: (kernel(a, s, i, k) * ms.Tensor(dout)).sum())(
+                ms.Tensor(x), *constants)
+            np.testing.assert_array_equal(grad_x.asnumpy(), dout * mask[:, None, None, None])
+    assert kept > 0 and dropped > 0
 
 
 def batch_norm_outputs(bn, x, dout, relu, jit):

@@ -112,12 +112,15 @@ def test_drop_path_rates_rise_linearly_and_are_shared_by_each_pair():
 
 
 @pytest.mark.parametrize("jit", [False, True])
-def test_drop_path_by_kernel_is_the_masked_multiply_forward_and_backward(jit):
-    """DropPath scales by the compiled per-sample kernel where it can (pointwise.scale_samples_op); values and the
-    input gradient are those of timm's `x * mask`, eagerly and jitted."""
+@pytest.mark.parametrize("by_kernel", [True, False])
+def test_drop_path_is_the_masked_multiply_forward_and_backward(jit, by_kernel):
+    """DropPath masks by the compiled kernel where it can (pointwise.drop_path_op), else by MindSpore's ops; values
+    and the input gradient are those of timm's `x * mask`, eagerly and jitted."""
     from replknet_fn.model import DropPath, hash_uniform, set_drop_path_seed
     cell = DropPath(0.5, index=3)
     assert cell.kernel is not None
+    if not by_kernel:
+        cell.kernel = None
     cell.set_train(True)
     set_drop_path_seed(cell, 11)
     rng = np.random.default_rng(0)

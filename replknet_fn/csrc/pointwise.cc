@@ -3,7 +3,8 @@
 //   gelu_backward  (x, dy)  -> dx   dx = dy (Phi(x) + x phi(x)),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
 //   squared_sum    (x_1, ..., x_n)    -> s    s = sum of x_t^2 over every element of every x_t (a scalar)
 //   scale_all      (x_1, ..., x_n, k) -> (y_1, ..., y_n)    y_t = x_t k, k a scalar       unscaling and clipping
-//   scale_samples  (x, k)   -> y    y[b, ...] = x[b, ...] k[b]        drop path's per-sample mask, and its gradient
+//   drop_path      (x, seed, stream, keep_prob) -> y    y[b, ...] = x[b, ...] mask[b]    drop path, and its gradient:
+//                  mask[b] = floor(keep_prob + u[b]) / keep_prob, u[b] = model.hash_uniform(seed, stream, b)
 //   adamw_update   (param_1..n, exp_avg_1..n, exp_avg_sq_1..n, grad_1..n, step_hyper, param_hypers) -> step_hyper
 //                  torch.optim.AdamW in place on each param_t, exp_avg_t, exp_avg_sq_t; step_hyper = [lr, step],
 //                  param_hypers[t] = [lr scale, weight decay, beta1, beta2, eps]
@@ -88,6 +89,29 @@ bool all_float32(int nparam, const char **dtypes) {
   return true;
 }
 
+// int32 arithmetic as MindSpore's (and numpy's) int32 ops do it: products and sums wrap around; floor division
+// and modulo by a power of two round towards minus infinity.
+inline int32_t wrap(uint32_t x) {
+  int32_t y;
+  std::memcpy(&y, &x, sizeof y);
+  return y;
+}
+inline int32_t times(int32_t a, int32_t b) { return wrap(static_cast<uint32_t>(a) * static_cast<uint32_t>(b)); }
+inline int32_t plus(int32_t a, int32_t b) { return wrap(static_cast<uint32_t>(a) + static_cast<uint32_t>(b)); }
+inline int32_t floor_divide_65536(int32_t x) {
+  return static_cast<int32_t>(x >= 0 ? x / 65536 : -((-static_cast<int64_t>(x) + 65535) / 65536));
+}
+
+// model.hash_uniform(seed, stream, count)[sample] and DropPath's per-sample factor from it, in the same float32
+// operations as the graph: floor(keep_prob + u) / keep_prob (0 or 1 / keep_prob).
+inline float drop_path_factor(int32_t seed, int32_t stream, int32_t sample, float keep_prob) {
+  int32_t x = plus(plus(times(seed, 1000003), times(stream, 7919)), times(sample, 104729));
+  for (int round = 0; round < 2; ++round) x = times(x ^ floor_divide_65536(x), 73244475);
+  x ^= floor_divide_65536(x);
+  const float uniform = static_cast<float>(x & 0xFFFFFF) / 16777216.0f;
+  return std::floor(keep_prob + uniform) / keep_prob;
+}
+
 }  // namespace
 
 extern "C" int gelu_forward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
@@ -157,16 +181,21 @@ extern "C" int scale_all(int nparam, void **params, int *ndims, int64_t **shapes
   return 0;
 }
 
-extern "C" int scale_samples(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
-                             void *) {
-  if (nparam != 3 || !all_float32(nparam, dtypes) || ndims[0] < 1 || ndims[1] != 1 || shapes[1][0] != shapes[0][0])
+extern "C" int drop_path(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                         void *) {
+  if (nparam != 5 || std::strcmp(dtypes[0], "float32") != 0 || std::strcmp(dtypes[1], "int32") != 0 ||
+      std::strcmp(dtypes[2], "int32") != 0 || std::strcmp(dtypes[3], "float32") != 0 ||
+      std::strcmp(dtypes[4], "float32") != 0 || ndims[0] < 1 || element_count(ndims[1], shapes[1]) != 1 ||
+      element_count(ndims[2], shapes[2]) != 1 || element_count(ndims[3], shapes[3]) != 1)
     return 1;
   const int64_t samples = shapes[0][0], per_sample = element_count(ndims[0] - 1, shapes[0] + 1);
   const float *x = static_cast<const float *>(params[0]);
-  const float *k = static_cast<const float *>(params[1]);
-  float *y = static_cast<float *>(params[2]);
+  const int32_t seed = *static_cast<const int32_t *>(params[1]);
+  const int32_t stream = *static_cast<const int32_t *>(params[2]);
+  const float keep_prob = *static_cast<const float *>(params[3]);
+  float *y = static_cast<float *>(params[4]);
   for (int64_t b = 0; b < samples; ++b) {
-    const float factor = k[b];
+    const float factor = drop_path_factor(seed, stream, static_cast<int32_t>(b), keep_prob);
     const float *from = x + b * per_sample;
     float *to = y + b * per_sample;
     for (int64_t i = 0; i < per_sample; ++i) to[i] = from[i] * factor;
