@@ -17,8 +17,11 @@ FAST_IMPLS = [impl for impl in dwconv.IMPLEMENTATIONS if impl != "native"]
 ISA_LEVELS = kernels.supported_isa_levels()
 
 # (batch, channels, height, width, kernel_size): even and odd sizes, non-square maps, kernels larger than the map,
-# a batch larger than a vector (a channel's planes in two vectors, the last one partly empty).
+# a batch larger than a vector (a channel's planes in two vectors, the last one partly empty), kernels that reach
+# across the whole map width (K >= 2W - 1: the weight gradient by row pairs; 31B's last stage is K13 on 7x7).
 SHAPES = [
+    (2, 3, 7, 7, 13),
+    (9, 2, 11, 7, 15),
     (1, 3, 7, 7, 5),
     (2, 2, 8, 6, 7),
     (2, 3, 9, 16, 13),
