@@ -53,10 +53,16 @@ typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 //   AVX-512: 32 registers of 16 floats. AVX2: 16 of 8. NEON: 32 of 4, with fused multiply-add.
 //   SSE (the portable build on x86): 16 of 4, no fused multiply-add.
 #if REPLKNET_LANES == 16 || defined(__aarch64__)
-constexpr int kTileRows = 4, kTileColumns = 6;
+constexpr int kTileRows = 4, kTileColumns = 6, kRowTileAccumulators = 24;
+#elif REPLKNET_LANES == 8
+constexpr int kTileRows = 3, kTileColumns = 4, kRowTileAccumulators = 14;
 #else
-constexpr int kTileRows = 3, kTileColumns = 4;
+constexpr int kTileRows = 3, kTileColumns = 4, kRowTileAccumulators = 12;
 #endif
+// Maps at most kNarrowWidth wide: the forward by input pixels tiles them in whole rows (up to kRowTileAccumulators
+// accumulators: 2 x 7 on AVX2, where 3 x 4 tiles leave a 1 x 4 and a 1 x 3 one on a 7x7 map, too few accumulators to
+// hide the multiply-add's latency), and the weight gradient sums them by row pairs (2W - 1 accumulators).
+constexpr int kNarrowWidth = 7;
 
 // Loops over a register tile must be unrolled, or the accumulators they index live in memory.
 #define UNROLLED _Pragma("GCC unroll 32")
@@ -273,19 +279,22 @@ void forward_tile_by_inputs(const Vec *x, const Vec *weights, int weight_row, co
     UNROLLED for (int b = 0; b < RW; ++b) out[int64_t(h0 + a) * g.width + w0 + b] = acc[a][b];
 }
 
-// Tables of a tile function's instances for every tile up to kTileRows x kTileColumns: table[rows - 1][columns - 1].
+// Tables of a tile function's instances for every tile up to Rows x Columns: table[rows - 1][columns - 1].
 template <class Family, int RH, int... RWs>
 constexpr auto tile_row(std::integer_sequence<int, RWs...>) {
   return std::array{Family::template tile<RH, RWs + 1>()...};
 }
 
-template <class Family, int... RHs>
+template <class Family, int Columns, int... RHs>
 constexpr auto tile_table(std::integer_sequence<int, RHs...>) {
-  return std::array{tile_row<Family, RHs + 1>(std::make_integer_sequence<int, kTileColumns>())...};
+  return std::array{tile_row<Family, RHs + 1>(std::make_integer_sequence<int, Columns>())...};
 }
 
-template <class Family>
-constexpr auto tile_table() { return tile_table<Family>(std::make_integer_sequence<int, kTileRows>()); }
+template <class Family, int Rows = kTileRows, int Columns = kTileColumns>
+constexpr auto tile_table() { return tile_table<Family, Columns>(std::make_integer_sequence<int, Rows>()); }
+
+// Forward tiles by input pixels go up to kInputTileColumns wide: whole rows of narrow maps.
+constexpr int kInputTileColumns = std::max(kTileColumns, kNarrowWidth);
 
 struct ByTaps {
   template <int RH, int RW> static constexpr auto tile() { return &forward_tile_by_taps<RH, RW>; }
@@ -294,7 +303,7 @@ struct ByInputs {
   template <int RH, int RW> static constexpr auto tile() { return &forward_tile_by_inputs<RH, RW>; }
 };
 const auto forward_by_taps = tile_table<ByTaps>();
-const auto forward_by_inputs = tile_table<ByInputs>();
+const auto forward_by_inputs = tile_table<ByInputs, kTileRows, kInputTileColumns>();
 
 // The start of each tile of a map dimension of `size`, tiles of at most `most`.
 std::vector<int> tile_starts(int size, int most) {
@@ -323,20 +332,21 @@ struct PaddedWeights {
   std::vector<Vec> storage;
   Vec *origin;
   explicit PaddedWeights(int kernel)
-      : row_length(kernel + 2 * (kTileColumns - 1)),
+      : row_length(kernel + 2 * (kInputTileColumns - 1)),
         storage(int64_t(kernel + 2 * (kTileRows - 1)) * row_length, Vec{}),
-        origin(storage.data() + (kTileRows - 1) * row_length + kTileColumns - 1) {}
+        origin(storage.data() + (kTileRows - 1) * row_length + kInputTileColumns - 1) {}
 };
 
 // out[b, c] = conv(in[b, c], kernel[c]) (kernel flipped in both axes when `flip`), for all b, c.
 void convolve(const float *in, const float *kernel, float *out, const Geometry &g, bool flip) {
-  const int tile_rows = balanced_block(0, g.height - 1, kTileRows);
-  const int tile_columns = balanced_block(0, g.width - 1, kTileColumns);
   const bool by_inputs = multiply_adds(g.height, g.kernel, kTileRows, true) *
                              multiply_adds(g.width, g.kernel, kTileColumns, true) <
                          multiply_adds(g.height, g.kernel, kTileRows, false) *
                              multiply_adds(g.width, g.kernel, kTileColumns, false);
-  const auto &table = by_inputs ? forward_by_inputs : forward_by_taps;
+  const bool whole_rows = by_inputs && g.width <= kNarrowWidth;
+  const int most_rows = whole_rows ? std::clamp(kRowTileAccumulators / g.width, 1, kTileRows) : kTileRows;
+  const int tile_rows = balanced_block(0, g.height - 1, most_rows);
+  const int tile_columns = whole_rows ? g.width : balanced_block(0, g.width - 1, kTileColumns);
   // By taps the input is read zero-padded by K // 2, by input pixels as it is.
   const int pad = by_inputs ? 0 : g.pad, row_length = g.width + 2 * pad;
 #pragma omp parallel num_threads(threads_for(g))
@@ -353,8 +363,9 @@ void convolve(const float *in, const float *kernel, float *out, const Geometry &
         for (int h0 = 0; h0 < g.height; h0 += tile_rows)
           for (int w0 = 0; w0 < g.width; w0 += tile_columns) {
             const int rows = std::min(tile_rows, g.height - h0), columns = std::min(tile_columns, g.width - w0);
-            table[rows - 1][columns - 1](input.data(), weights.origin, weights.row_length, g, h0, w0,
-                                         interleaved_out.data());
+            const auto tile = by_inputs ? forward_by_inputs[rows - 1][columns - 1]
+                                        : forward_by_taps[rows - 1][columns - 1];
+            tile(input.data(), weights.origin, weights.row_length, g, h0, w0, interleaved_out.data());
           }
         scatter(interleaved_out.data(), g, planes, out);
       }
@@ -385,15 +396,13 @@ void weight_grad_tile(const Vec *padded_x, const Vec *dy, const Geometry &g, int
     UNROLLED for (int b = 0; b < RJ; ++b) lane_sums[(i0 + a) * g.kernel + j0 + b] += acc[a][b];
 }
 
-// The weight gradient of a map no wider than kPairWidth under a kernel that reaches across it (K >= 2W - 1, as 7x7 at
-// K13): every input column then meets every output column at some tap, so a kernel row's taps are the full
+// The weight gradient of a map no wider than kNarrowWidth under a kernel that reaches across it (K >= 2W - 1, as
+// 7x7 at K13): every input column then meets every output column at some tap, so a kernel row's taps are the full
 // correlation of an output-gradient row with the input row it meets -- its 2W - 1 taps stay in registers, and the
 // row pairs (h, h + i - p) that meet are the only ones visited: every multiply-add is a real one. (The tiles of
 // weight_grad_tile meet the map's edge on a slant here: 1.8x the real multiply-adds at K13 on 7x7 maps.)
 // Registers: 2W - 1 accumulators and the output-gradient vector (and a product without fused multiply-add) within
 // the 16 of AVX2 and SSE.
-constexpr int kPairWidth = 7;
-
 template <int W>
 void weight_grad_by_row_pairs(const Vec *x, const Vec *dy, const Geometry &g, Vec *lane_sums) {
   const int K = g.kernel, p = g.pad, first_column = p - (W - 1);  // the tap column of accumulator 0
@@ -418,7 +427,7 @@ template <int... Ws>
 constexpr auto row_pair_table(std::integer_sequence<int, Ws...>) {
   return std::array{&weight_grad_by_row_pairs<Ws + 1>...};
 }
-const auto weight_grad_by_row_pairs_table = row_pair_table(std::make_integer_sequence<int, kPairWidth>());
+const auto weight_grad_by_row_pairs_table = row_pair_table(std::make_integer_sequence<int, kNarrowWidth>());
 
 struct WeightGradTiles {
   template <int RI, int RJ> static constexpr auto tile() { return &weight_grad_tile<RI, RJ>; }
@@ -463,7 +472,7 @@ void weight_grad(const float *x, const float *dy, float *dweight, const Geometry
   const int col_first = std::max(0, p - g.width + 1), col_last = std::min(K - 1, p + g.width - 1);
   const int tile_rows = balanced_block(row_first, row_last, kTileRows);
   const int tile_columns = balanced_block(col_first, col_last, kTileColumns);
-  const bool by_row_pairs = g.width <= kPairWidth && K >= 2 * g.width - 1;
+  const bool by_row_pairs = g.width <= kNarrowWidth && K >= 2 * g.width - 1;
   const int pad = by_row_pairs ? 0 : p;  // the row pairs read the input as it is
 #pragma omp parallel num_threads(threads_for(g))
   {
