@@ -33,6 +33,7 @@ registered in `build_parser`.
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -102,17 +103,39 @@ def print_machine(description, gflops):
           f"float32 matmul {gflops:.0f} GFLOP/s (numpy, {MATMUL_SIZE}^3)", flush=True)
 
 
-def interleaved_medians(functions, repeat):
-    """{name: median seconds} of `functions` ({name: no-argument callable}), after one warm-up call each
-    (compilation); the repetitions alternate between the functions."""
-    for function in functions.values():
+# A sample of a function faster than this is the mean of as many back-to-back calls as fill it. A lone call of a
+# sub-millisecond kernel times mostly the waking of its threads beside another pool's still spinning ones (numpy's
+# OpenBLAS, MindSpore's): K13@7x7x1024 forward+backward, Zen 3, 1.9 ms back to back, ~31 ms right after a matmul.
+SAMPLE_SECONDS = 0.05
+
+
+def calls_per_sample(function):
+    """Back-to-back calls of `function` that make one sample of about SAMPLE_SECONDS (1 for slow functions), after
+    one warm-up call (compilation)."""
+    start = time.perf_counter()
+    wait(function())
+    if time.perf_counter() - start >= SAMPLE_SECONDS:
+        return 1
+    fastest = SAMPLE_SECONDS
+    for _ in range(3):
+        start = time.perf_counter()
         wait(function())
+        fastest = min(fastest, time.perf_counter() - start)
+    return max(1, math.ceil(SAMPLE_SECONDS / max(fastest, 1e-6)))
+
+
+def interleaved_medians(functions, repeat):
+    """{name: median seconds per call} of `functions` ({name: no-argument callable}) over `repeat` samples each, a
+    sample being one call or, for fast functions, the mean of back-to-back calls (`calls_per_sample`); the samples
+    alternate between the functions, so that all see the same load."""
+    calls = {name: calls_per_sample(function) for name, function in functions.items()}
     times = {name: [] for name in functions}
     for _ in range(repeat):
         for name, function in functions.items():
             start = time.perf_counter()
-            wait(function())
-            times[name].append(time.perf_counter() - start)
+            for _ in range(calls[name]):
+                wait(function())
+            times[name].append((time.perf_counter() - start) / calls[name])
     return {name: statistics.median(values) for name, values in times.items()}
 
 

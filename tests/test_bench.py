@@ -1,6 +1,9 @@
 """The benchmarks run end to end on tiny shapes and report what they promise in their one JSON line."""
 import json
 import resource
+import time
+
+import numpy as np
 
 from replknet_fn import allocator, bench, kernels
 
@@ -14,6 +17,24 @@ def assert_describes_the_machine(result):
     assert result["machine"]["isa_levels"] == list(kernels.supported_isa_levels())
     assert result["machine"]["malloc"] == allocator.current()
     assert result["matmul_gflops"] > 0
+
+
+def test_fast_functions_are_timed_back_to_back_and_reported_per_call():
+    calls = {"fast": 0, "slow": 0}
+
+    def fast():
+        calls["fast"] += 1
+        return np.zeros(1)
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(bench.SAMPLE_SECONDS)
+        return np.zeros(1)
+
+    medians = bench.interleaved_medians({"fast": fast, "slow": slow}, repeat=3)
+    assert calls["slow"] == 1 + 3  # the warm-up, then one call a sample
+    assert calls["fast"] > 3 * 100  # a sample of ~SAMPLE_SECONDS of calls of a few microseconds each
+    assert medians["slow"] >= bench.SAMPLE_SECONDS and medians["fast"] < bench.SAMPLE_SECONDS / 100
 
 
 def test_dwconv_bench_reports_times_rates_and_speedups_for_each_build(capsys):
