@@ -1,8 +1,10 @@
 """Every large-kernel depthwise conv implementation, in every kernel build this CPU runs, computes what the native
 conv computes: the output, the input gradient, the weight gradient and the bias gradient, to float32 rounding;
 `auto` runs whichever of direct and native it measured faster, and remembers it per machine and kernel build."""
+import ctypes
 import json
 import logging
+import os
 
 import mindspore as ms
 import numpy as np
@@ -375,3 +377,28 @@ def test_auto_decides_stride_2_convs_apart_from_stride_1(verdict_cache, monkeypa
     runs = dwconv.conv_runs("direct", 2, 4, 8, 8, 3, 2)
     out, _ = runs["forward_backward"]()
     assert out.shape == (2, 4, 4, 4)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU: one thread")
+@pytest.mark.parametrize("shape", [(8, 512, 7, 7, 13), (4, 64, 24, 24, 13)], ids=shape_id)
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+def test_the_kernels_give_the_same_bits_on_one_thread_and_on_two(isa, shape):
+    # Work units are whole channels and a channel's sums run in one order whatever thread takes it. The shapes have
+    # work enough for two threads (dwconv.cc, kWorkPerThread); batch 4 puts two channels in a vector (AVX2).
+    batch, channels, height, width, kernel_size = shape
+    rng = np.random.default_rng(0)
+    x, out_grad = (rng.standard_normal((batch, channels, height, width)).astype(np.float32) for _ in range(2))
+    weight = rng.standard_normal((channels, 1, kernel_size, kernel_size)).astype(np.float32)
+    library = dwconv.library(isa)
+    set_threads = ctypes.CDLL(str(library)).omp_set_num_threads  # libgomp's, found through the kernels' library
+    results = []
+    for threads in (1, 2):
+        set_threads(threads)
+        out, dx, dweight = np.empty_like(x), np.empty_like(x), np.empty_like(weight)
+        kernels.aot_call(library, "dwconv_forward", [x, weight, out])()
+        kernels.aot_call(library, "dwconv_input_grad", [out_grad, weight, dx])()
+        kernels.aot_call(library, "dwconv_weight_grad", [x, out_grad, weight, dweight])()
+        results.append((out, dx, dweight))
+    set_threads(os.cpu_count())
+    for name, one, two in zip(["output", "input grad", "weight grad"], *results):
+        assert np.array_equal(one, two), name
