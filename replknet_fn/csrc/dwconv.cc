@@ -19,13 +19,15 @@
 // kLanes pixels at a time in registers), with a vector of per-lane weights for each tap. A work unit is whole
 // channels (one channel and all its batch items, or as many channels as fill a vector when the batch is smaller),
 // so a channel's weight gradient is summed by one thread in a fixed order: results do not depend on the thread
-// count. Units are shared over OpenMP threads.
+// count. Units are shared over OpenMP threads a few at a time, each thread prefetching its next unit's small planes.
 //   forward: a tile of output pixels (rows x columns) stays in registers, computed by taps (each tap's weight
 //            vector loaded once for the tile, the input zero-padded by K // 2 so that shifted loads stay in bounds
 //            and the padding adds exact zeros) or, where that does fewer multiply-adds (maps no larger than the
 //            kernel's reach), by input pixels (each loaded once for the tile; `forward_tile_by_inputs`).
 //   weight gradient: a tile of taps (kernel rows x columns) stays in registers; each output-gradient vector is
-//            loaded once for the whole tile. Lanes are summed per channel once per unit (`sum_lanes`).
+//            loaded once for the whole tile; or, on maps narrow enough for a kernel row's reach to cover them (7x7 at
+//            K13), a whole kernel row, summed over the row pairs that meet (`weight_grad_by_row_pairs`). Lanes are
+//            summed per channel once per unit (`sum_lanes`).
 // Either way a multiply-add reads one vector from memory, which the x86 FMA takes as an operand.
 // Plain C++ with GCC vector extensions: no asm, no intrinsics, so the portable build compiles for any CPU.
 #include <omp.h>
