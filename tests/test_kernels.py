@@ -2,9 +2,11 @@
 (exact GELU, drop path's scaling, AdamW, squared sum) and training BatchNorm compute their formulas in every build
 this CPU runs."""
 import math
+import os
 import re
 import shutil
 import subprocess
+import sys
 
 import mindspore as ms
 import numpy as np
@@ -251,3 +253,22 @@ def test_every_element_wise_loop_vectorizes_at_every_level(isa, tmp_path):
                             capture_output=True, text=True, check=True).stderr
     vectorized = {int(number) for number in re.findall(r"pointwise\.cc:(\d+):\d+: optimized: loop vectorized", report)}
     assert loops <= vectorized, f"not vectorized at {isa}: lines {sorted(loops - vectorized)}"
+
+
+WAIT_POLICY_PROBE = """
+import os
+import replknet_fn.model  # the package first, as the entry scripts import it: MindSpore loads libgomp after it
+maps = open("/proc/self/maps").read()
+print(os.environ["OMP_WAIT_POLICY"], "libgomp" in maps)
+"""
+
+
+@pytest.mark.parametrize("user_value", [None, "active"])
+def test_the_kernels_threads_sleep_after_a_call_unless_the_user_says_otherwise(user_value):
+    # libgomp reads OMP_WAIT_POLICY once, when it loads (with MindSpore): the package sets it before that.
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    if user_value:
+        env["OMP_WAIT_POLICY"] = user_value
+    result = subprocess.run([sys.executable, "-c", WAIT_POLICY_PROBE], env=env, capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.split()[-2:] == [user_value or "passive", "True"]
