@@ -339,6 +339,15 @@ def test_what_auto_times_is_the_conv_and_its_gradients_for_an_output_gradient():
             assert relative_error(got, want) < TOLERANCE, (mode, name)
 
 
+def kernel_outputs(library, x, out_grad, weight):
+    """(output, input grad, weight grad) of the direct kernel's entry points called from numpy (kernels.aot_call)."""
+    out, dx, dweight = np.empty_like(x), np.empty_like(x), np.empty_like(weight)
+    kernels.aot_call(library, "dwconv_forward", [x, weight, out])()
+    kernels.aot_call(library, "dwconv_input_grad", [out_grad, weight, dx])()
+    kernels.aot_call(library, "dwconv_weight_grad", [x, out_grad, weight, dweight])()
+    return out, dx, dweight
+
+
 @pytest.mark.parametrize("isa", ISA_LEVELS)
 def test_the_kernels_called_from_numpy_compute_the_native_conv_and_its_gradients(isa):
     # What `bench dwconv --impls kernel` times: the entry points called without MindSpore (kernels.aot_call).
@@ -347,13 +356,8 @@ def test_the_kernels_called_from_numpy_compute_the_native_conv_and_its_gradients
     native = dwconv.depthwise_conv(channels, kernel_size, "native")
     x, out_grad = (rng.standard_normal((batch, channels, height, width)).astype(np.float32) for _ in range(2))
     expected = outputs_and_gradients(native, ms.Tensor(x), ms.Tensor(out_grad), jit=False)
-    weight = native.weight.asnumpy()
-    out, dx, dweight = np.empty_like(x), np.empty_like(x), np.empty_like(weight)
-    library = dwconv.library(isa)
-    kernels.aot_call(library, "dwconv_forward", [x, weight, out])()
-    kernels.aot_call(library, "dwconv_input_grad", [out_grad, weight, dx])()
-    kernels.aot_call(library, "dwconv_weight_grad", [x, out_grad, weight, dweight])()
-    for name, got, want in zip(["output", "input grad", "weight grad"], [out, dx, dweight], expected):
+    actual = kernel_outputs(dwconv.library(isa), x, out_grad, native.weight.asnumpy())
+    for name, got, want in zip(["output", "input grad", "weight grad"], actual, expected):
         assert relative_error(got, want) < TOLERANCE, (name, shape_id(shape))
 
 
@@ -391,15 +395,14 @@ def test_the_kernels_give_the_same_bits_on_one_thread_and_on_two(isa, shape):
     x, out_grad = (rng.standard_normal((batch, channels, height, width)).astype(np.float32) for _ in range(2))
     weight = rng.standard_normal((channels, 1, kernel_size, kernel_size)).astype(np.float32)
     library = dwconv.library(isa)
-    set_threads = ctypes.CDLL(str(library)).omp_set_num_threads  # libgomp's, found through the kernels' library
+    openmp = ctypes.CDLL(str(library))  # libgomp's functions, found through the kernels' library
+    threads_before = openmp.omp_get_max_threads()
     results = []
-    for threads in (1, 2):
-        set_threads(threads)
-        out, dx, dweight = np.empty_like(x), np.empty_like(x), np.empty_like(weight)
-        kernels.aot_call(library, "dwconv_forward", [x, weight, out])()
-        kernels.aot_call(library, "dwconv_input_grad", [out_grad, weight, dx])()
-        kernels.aot_call(library, "dwconv_weight_grad", [x, out_grad, weight, dweight])()
-        results.append((out, dx, dweight))
-    set_threads(os.cpu_count())
+    try:
+        for threads in (1, 2):
+            openmp.omp_set_num_threads(threads)
+            results.append(kernel_outputs(library, x, out_grad, weight))
+    finally:
+        openmp.omp_set_num_threads(threads_before)
     for name, one, two in zip(["output", "input grad", "weight grad"], *results):
         assert np.array_equal(one, two), name
