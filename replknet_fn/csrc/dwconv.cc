@@ -112,6 +112,20 @@ int threads_for(const Geometry &g) {
   return std::max(1, std::min({omp_get_max_threads(), g.units(), int(work / kWorkPerThread)}));
 }
 
+// Element offsets of a group's planes in an NCHW tensor, and their channels.
+struct GroupPlanes {
+  int count;
+  int64_t offset[kLanes];
+  int channel[kLanes];
+  GroupPlanes(const Geometry &g, const Unit &u, int group) : count(u.lanes(group)) {
+    for (int lane = 0; lane < count; ++lane) {
+      const int q = group * kLanes + lane, c = u.first_channel + q / g.batch, b = q % g.batch;
+      channel[lane] = c;
+      offset[lane] = (int64_t(b) * g.channels + c) * g.plane();
+    }
+  }
+};
+
 // Units a thread takes at a time (fewer where that would leave a thread without 4 chunks): its next unit is then
 // most often the one after, which prefetch_unit fetches.
 constexpr int kUnitsPerChunk = 8;
@@ -127,26 +141,15 @@ void prefetch_unit(const float *map, const Geometry &g, int u, bool write) {
   const Unit unit(g, u);
   if (int64_t(unit.planes) * g.plane() * int64_t(sizeof(float)) > kPrefetchBytes) return;
   constexpr int kLineFloats = 64 / sizeof(float);
-  for (int q = 0; q < unit.planes; ++q) {
-    const float *plane = map + (int64_t(q % g.batch) * g.channels + unit.first_channel + q / g.batch) * g.plane();
-    for (int64_t i = 0; i < g.plane(); i += kLineFloats) __builtin_prefetch(plane + i, write);
-    __builtin_prefetch(plane + g.plane() - 1, write);
-  }
-}
-
-// Element offsets of a group's planes in an NCHW tensor, and their channels.
-struct GroupPlanes {
-  int count;
-  int64_t offset[kLanes];
-  int channel[kLanes];
-  GroupPlanes(const Geometry &g, const Unit &u, int group) : count(u.lanes(group)) {
-    for (int lane = 0; lane < count; ++lane) {
-      const int q = group * kLanes + lane, c = u.first_channel + q / g.batch, b = q % g.batch;
-      channel[lane] = c;
-      offset[lane] = (int64_t(b) * g.channels + c) * g.plane();
+  for (int group = 0; group < unit.groups; ++group) {
+    const GroupPlanes planes(g, unit, group);
+    for (int lane = 0; lane < planes.count; ++lane) {
+      const float *plane = map + planes.offset[lane];
+      for (int64_t i = 0; i < g.plane(); i += kLineFloats) __builtin_prefetch(plane + i, write);
+      __builtin_prefetch(plane + g.plane() - 1, write);
     }
   }
-};
+}
 
 // Transposes kLanes x kLanes floats in registers: rows[r][e] becomes rows[e][r]. Each of log2(kLanes) rounds
 // interleaves row i with row i + kLanes / 2, which moves the row index's top bit to the bottom of the element index
