@@ -29,6 +29,9 @@
 //            K13), a whole kernel row, summed over the row pairs that meet (`weight_grad_by_row_pairs`). Lanes are
 //            summed per channel once per unit (`sum_lanes`).
 // Either way a multiply-add reads one vector from memory, which the x86 FMA takes as an operand.
+// Maps up to 8 x 8 that the kernel reaches across both ways (7x7 at K13) are computed by output rows instead: lanes
+// hold an output row's pixels, and planes are read and written where they lie (`convolve_by_rows`,
+// `weight_grad_by_rows`), where interleaving them had taken about as long as the multiply-adds.
 // Plain C++ with GCC vector extensions: no asm, no intrinsics, so the portable build compiles for any CPU.
 #include <omp.h>
 
@@ -44,6 +47,7 @@ namespace {
 #ifndef REPLKNET_LANES
 #define REPLKNET_LANES 4
 #endif
+
 // Floats per vector, set per ISA level by the build (kernels.py): 16 for AVX-512, 8 for AVX2, 4 for the portable
 // build (SSE on x86, NEON on ARM). Generic vectors wider than the hardware's compile to near-scalar code.
 constexpr int kLanes = REPLKNET_LANES;
@@ -65,6 +69,11 @@ constexpr int kTileRows = 3, kTileColumns = 4, kRowTileAccumulators = 12;
 // accumulators: 2 x 7 on AVX2, where 3 x 4 tiles leave a 1 x 4 and a 1 x 3 one on a 7x7 map, too few accumulators to
 // hide the multiply-add's latency), and the weight gradient sums them by row pairs (2W - 1 accumulators).
 constexpr int kNarrowWidth = 7;
+
+// `value` in every lane, one broadcast read from memory: value - 0 is value for every float (GCC drops the
+// subtraction), where Vec{} + value is kept as an addition first (-0 + 0 is +0), and a lane-by-lane fill compiles to
+// inserts.
+inline Vec splat(float value) { return value - Vec{}; }
 
 // Loops over a register tile must be unrolled, or the accumulators they index live in memory.
 #define UNROLLED _Pragma("GCC unroll 32")
@@ -133,22 +142,35 @@ int units_per_chunk(const Geometry &g, int threads) { return std::clamp(g.units(
 // Units whose planes (of one tensor) are at most this many bytes are prefetched a unit ahead (prefetch_unit).
 constexpr int64_t kPrefetchBytes = 16 << 10;
 
-// Asks the cache for the planes of unit u of `map` (for writing when `write`), if they are small: on small maps a
-// unit's multiply-adds take about as long as fetching its planes, which lie a channel stack apart (K13 on 7x7
-// maps: 8 planes of 196 bytes). Called a unit ahead, so that the fetch overlaps the unit before.
+// __builtin_prefetch's second argument must be a constant.
+void prefetch(const float *address, bool write) {
+  if (write) {
+    __builtin_prefetch(address, 1);
+  } else {
+    __builtin_prefetch(address, 0);
+  }
+}
+
+// Asks the cache for the planes of `channels` channels from `first` of `map` (all their batch items; for writing when
+// `write`).
+void prefetch_channels(const float *map, const Geometry &g, int first, int channels, bool write) {
+  constexpr int kLineFloats = 64 / sizeof(float);
+  for (int b = 0; b < g.batch; ++b)
+    for (int c = first; c < first + channels; ++c) {
+      const float *plane = map + (int64_t(b) * g.channels + c) * g.plane();
+      for (int64_t i = 0; i < g.plane(); i += kLineFloats) prefetch(plane + i, write);
+      prefetch(plane + g.plane() - 1, write);
+    }
+}
+
+// Asks the cache for the planes of unit u of `map`, if they are small: on small maps a unit's multiply-adds take
+// about as long as fetching its planes, which lie a channel stack apart (K13 on 7x7 maps: 8 planes of 196 bytes).
+// Called a unit ahead, so that the fetch overlaps the unit before.
 void prefetch_unit(const float *map, const Geometry &g, int u, bool write) {
   if (u >= g.units()) return;
   const Unit unit(g, u);
   if (int64_t(unit.planes) * g.plane() * int64_t(sizeof(float)) > kPrefetchBytes) return;
-  constexpr int kLineFloats = 64 / sizeof(float);
-  for (int group = 0; group < unit.groups; ++group) {
-    const GroupPlanes planes(g, unit, group);
-    for (int lane = 0; lane < planes.count; ++lane) {
-      const float *plane = map + planes.offset[lane];
-      for (int64_t i = 0; i < g.plane(); i += kLineFloats) __builtin_prefetch(plane + i, write);
-      __builtin_prefetch(plane + g.plane() - 1, write);
-    }
-  }
+  prefetch_channels(map, g, unit.first_channel, unit.channels, write);
 }
 
 // Transposes kLanes x kLanes floats in registers: rows[r][e] becomes rows[e][r]. Each of log2(kLanes) rounds
@@ -178,15 +200,31 @@ void transpose(Vec rows[kLanes]) {
 }
 
 // kLanes floats from `from` (aligned to a float only) into a vector, or the first `count` and zeros after them.
-// A partial vector moves float by float: a memcpy of a variable size is a library call, which cost more than the
-// multiply-adds of a 7x7 map's last, one-pixel block.
+// A partial vector moves in pieces of fixed sizes (4, 2, 1 floats for 7 on AVX2): a memcpy of a variable size is a
+// library call, and GCC turns a float-by-float loop into `rep movs`, both of which cost more than the multiply-adds of
+// a 7x7 map's last, partial vector.
+Vec load_partial(const float *from, int count);
+
 Vec load(const float *from, int count) {
-  Vec v = {};
-  if (count == kLanes) {
-    std::memcpy(&v, from, sizeof(Vec));  // a fixed size: one unaligned vector load
-  } else {
-    for (int k = 0; k < count; ++k) v[k] = from[k];
+  if (count < kLanes) return load_partial(from, count);
+  Vec v;
+  std::memcpy(&v, from, sizeof(Vec));  // a fixed size: one unaligned vector load
+  return v;
+}
+
+// Out of line, so that a whole load's vector stays in a register where a caller's count is not known when compiled:
+// shared with the pieces' path, it went through memory and stalled.
+__attribute__((noinline)) Vec load_partial(const float *from, int count) {
+  float lanes[kLanes] = {};
+  int done = 0;
+  UNROLLED for (int piece = kLanes / 2; piece >= 1; piece /= 2) {
+    if (count & piece) {
+      std::memcpy(lanes + done, from + done, piece * sizeof(float));
+      done += piece;
+    }
   }
+  Vec v;
+  std::memcpy(&v, lanes, sizeof(Vec));
   return v;
 }
 
@@ -194,9 +232,31 @@ Vec load(const float *from, int count) {
 void store(const Vec &v, int count, float *to) {
   if (count == kLanes) {
     std::memcpy(to, &v, sizeof(Vec));
-  } else {
-    for (int k = 0; k < count; ++k) to[k] = v[k];
+    return;
   }
+  float lanes[kLanes];
+  std::memcpy(lanes, &v, sizeof(Vec));
+  int done = 0;
+  UNROLLED for (int piece = kLanes / 2; piece >= 1; piece /= 2) {
+    if (count & piece) {
+      std::memcpy(to + done, lanes + done, piece * sizeof(float));
+      done += piece;
+    }
+  }
+}
+
+// The same as load(from, count) for count < kLanes where the kLanes - count floats before `from` may be read (the
+// vector ends with the plane's last pixel, in a plane of at least kLanes): one vector read ending at from + count,
+// shifted down. load's pieces reach the vector through memory, and reading it whole after storing them in pieces
+// stalls (~50 cycles a vector: ~14% of the weight gradient of 7x7 maps at K13).
+Vec load_tail(const float *from, int count) {
+  typedef int32_t Index __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  Index lane;
+  UNROLLED for (int k = 0; k < kLanes; ++k) lane[k] = k;
+  Vec v;
+  std::memcpy(&v, from + count - kLanes, sizeof(Vec));
+  const Vec shifted = __builtin_shuffle(v, (lane + (kLanes - count)) & (kLanes - 1));
+  return (Vec)((Index)shifted & (lane < count));
 }
 
 // The inverse of gather without padding: writes each plane of the group whole (a thread writing scattered pixels of
@@ -218,8 +278,11 @@ void gather(const float *in, const Geometry &g, const GroupPlanes &planes, int p
   for (int64_t first = 0; first < g.plane(); first += kLanes) {
     const int pixels = int(std::min<int64_t>(kLanes, g.plane() - first));
     Vec block[kLanes];
-    UNROLLED for (int lane = 0; lane < kLanes; ++lane)
-      block[lane] = lane < planes.count ? load(in + planes.offset[lane] + first, pixels) : Vec{};
+    const bool tail = pixels < kLanes && g.plane() >= kLanes;
+    UNROLLED for (int lane = 0; lane < kLanes; ++lane) {
+      const float *from = in + planes.offset[lane] + first;
+      block[lane] = lane >= planes.count ? Vec{} : tail ? load_tail(from, pixels) : load(from, pixels);
+    }
     transpose(block);
     for (int k = 0; k < pixels; ++k) {
       out[int64_t(h + pad) * row_length + w + pad] = block[k];
@@ -314,7 +377,9 @@ constexpr auto tile_row(std::integer_sequence<int, RWs...>) {
 
 template <class Family, int Columns, int... RHs>
 constexpr auto tile_table(std::integer_sequence<int, RHs...>) {
-  return std::array{tile_row<Family, RHs + 1>(std::make_integer_sequence<int, Columns>())...};
+  // The element type spelled out: std::array{row} of a single row would deduce a copy of the row, not a table.
+  using Row = decltype(tile_row<Family, 1>(std::make_integer_sequence<int, Columns>()));
+  return std::array<Row, sizeof...(RHs)>{tile_row<Family, RHs + 1>(std::make_integer_sequence<int, Columns>())...};
 }
 
 template <class Family, int Rows = kTileRows, int Columns = kTileColumns>
@@ -364,8 +429,256 @@ struct PaddedWeights {
         origin(storage.data() + (kTileRows - 1) * row_length + kInputTileColumns - 1) {}
 };
 
+// Small maps the kernel reaches across (K >= 2H - 1 and K >= 2W - 1, as 7x7 at K13) by output rows. Lanes hold an
+// output row's pixels (a row of W <= 8 in one AVX2 vector, in two of SSE's), so planes are read and written where they
+// lie in NCHW: no interleaving, which took about half the time of the lanes-as-planes kernels on 7x7 maps. Every input
+// pixel meets every output row, and the taps joining input pixel (qh, qw) to output row ph lie side by side in a
+// kernel row reversed: vector (ph, s) of the output gains in[qh][qw] * taps[qh - ph + pad][pad - qw + s L ...].
+// The lanes past W in a row's last vector compute nothing useful (1 of 8 at W = 7).
+//   forward and input gradient: a register tile of batch items x output rows, one broadcast input pixel per batch
+//            item and one tap vector (a memory operand) per multiply-add (`row_tile`).
+//   weight gradient: for each input column qw, the 2H - 1 tap rows' vectors in registers, summed over the batch, the
+//            input rows and the output rows (a row pair's taps are one vector), then added to the kernel
+//            (`row_weight_grad`).
+// Tiles per target: the accumulators and the broadcasts (and, without fused multiply-add, a product) within the
+// vector registers.
+#if defined(__aarch64__) || REPLKNET_LANES == 8
+constexpr int kRowTileItems = 2;
+#else
+constexpr int kRowTileItems = 1;
+#endif
+constexpr int kRowTileRows = 7;  // a 7x7 map's rows: 2 x 7 accumulators on AVX2, 1 x 7 x 2 vectors on SSE
+constexpr int kMostRowMapSize = 8;  // so that a row is at most 2 vectors (of 4 lanes)
+// Batches from which the taps' copies per channel pay off (K13 on 7x7, AVX2, one thread: forward at batch 2 0.22 ms
+// against 0.29 by planes; weight gradient at batch 2 0.35 against 0.29, at batch 4 0.52 against 0.60).
+constexpr int kRowsLeastBatch = 2, kRowWeightGradLeastBatch = 4;
+
+// A row's vectors, and the floats of a reversed kernel row (a 64-byte line: a vector read within it never spans two
+// lines, which would cost two reads).
+int row_vectors(const Geometry &g) { return ceil_div(g.width, kLanes); }
+constexpr int kTapRow = 16;
+
+// Whether the map is computed by output rows: the kernel reaches across it, its rows fit kTapRow's reads, at least
+// 3/4 of the lanes are real pixels (so never on AVX-512's 16 lanes at 7x7), and the batch (at least `least_batch`)
+// shares the taps' copies.
+bool by_rows(const Geometry &g, int least_batch) {
+  const int S = row_vectors(g);
+  return g.kernel >= 2 * g.height - 1 && g.kernel >= 2 * g.width - 1 && g.height <= kMostRowMapSize &&
+         g.width <= kMostRowMapSize && g.pad + S * kLanes <= kTapRow && 4 * g.width >= 3 * S * kLanes &&
+         g.batch >= least_batch;
+}
+
+// One channel's taps, each kernel row reversed (of the kernel flipped in both axes when `flip`) at the start of a
+// 64-byte line of kTapRow floats: tap (i, j) of the (flipped) kernel at row i, column K - 1 - j. Zeros past column K.
+struct ReversedKernel {
+  std::vector<Vec> storage;
+  float *origin;
+  explicit ReversedKernel(const Geometry &g) : storage(int64_t(g.kernel + 1) * kTapRow / kLanes + 64 / sizeof(Vec), Vec{}) {
+    const auto address = reinterpret_cast<uintptr_t>(storage.data());
+    origin = reinterpret_cast<float *>((address + 63) / 64 * 64);
+  }
+  void fill(const float *kernel, const Geometry &g, bool flip) {
+    const int K = g.kernel;
+    for (int i = 0; i < K; ++i) {
+      float *row = origin + i * kTapRow;
+      for (int j = 0; j < K; ++j) row[j] = flip ? kernel[(K - 1 - i) * K + j] : kernel[i * K + K - 1 - j];
+    }
+  }
+};
+
+// Output rows ph0 .. ph0 + RH - 1 (S vectors each) of RB planes: out[r][ph][s] = sum over input pixels (qh, qw) of
+// in[r][qh][qw] * taps[qh - ph + pad][pad - qw + s L ...]. A row's last vector is stored whole but in the plane's last
+// row, its lanes past W spilling into the next row, which is written after.
+template <int RB, int RH, int S>
+void row_tile(const float *const *in, const float *taps, const Geometry &g, int ph0, float *const *out) {
+  Vec acc[RB][RH][S] = {};
+  const int W = g.width;
+  for (int qh = 0; qh < g.height; ++qh) {
+    const float *row = taps + (qh - ph0 + g.pad) * kTapRow + g.pad;  // tap row of output row ph0, column pad
+    for (int qw = 0; qw < W; ++qw) {
+      const float *t = row - qw;
+      Vec x[RB];
+      UNROLLED for (int r = 0; r < RB; ++r) x[r] = splat(in[r][qh * W + qw]);
+      UNROLLED for (int a = 0; a < RH; ++a)
+        UNROLLED for (int s = 0; s < S; ++s) {
+          Vec tap;
+          std::memcpy(&tap, t - a * kTapRow + s * kLanes, sizeof(Vec));
+          UNROLLED for (int r = 0; r < RB; ++r) acc[r][a][s] += x[r] * tap;
+        }
+    }
+  }
+  const int last = W - (S - 1) * kLanes;  // pixels in a row's last vector
+  UNROLLED for (int r = 0; r < RB; ++r)
+    UNROLLED for (int a = 0; a < RH; ++a) {
+      float *to = out[r] + (ph0 + a) * W;
+      UNROLLED for (int s = 0; s < S - 1; ++s) store(acc[r][a][s], kLanes, to + s * kLanes);
+      store(acc[r][a][S - 1], ph0 + a + 1 < g.height ? kLanes : last, to + (S - 1) * kLanes);
+    }
+}
+
+template <int S>
+struct RowTiles {
+  template <int RB, int RH> static constexpr auto tile() { return &row_tile<RB, RH, S>; }
+};
+const auto row_tiles_1 = tile_table<RowTiles<1>, kRowTileItems, kRowTileRows>();
+const auto row_tiles_2 = tile_table<RowTiles<2>, kRowTileItems, kRowTileRows>();
+
+// The forward (or, flipped, the input gradient) by output rows, channel by channel.
+void convolve_by_rows(const float *in, const float *kernel, float *out, const Geometry &g, bool flip) {
+  const int S = row_vectors(g), K = g.kernel;
+  const int tile_items = balanced_block(0, g.batch - 1, kRowTileItems);
+  const int tile_rows = balanced_block(0, g.height - 1, kRowTileRows);
+  const auto &tiles = S == 1 ? row_tiles_1 : row_tiles_2;
+  const int threads = std::min(threads_for(g), g.channels);
+#pragma omp parallel num_threads(threads)
+  {
+    ReversedKernel taps(g);
+#pragma omp for schedule(dynamic, kUnitsPerChunk)
+    for (int c = 0; c < g.channels; ++c) {
+      if (c + 1 < g.channels) {  // the next channel's planes, small
+        prefetch_channels(in, g, c + 1, 1, false);
+        prefetch_channels(out, g, c + 1, 1, true);
+      }
+      taps.fill(kernel + int64_t(c) * K * K, g, flip);
+      for (int b0 = 0; b0 < g.batch; b0 += tile_items) {
+        const int items = std::min(tile_items, g.batch - b0);
+        const float *planes[kRowTileItems];
+        float *out_planes[kRowTileItems];
+        for (int r = 0; r < items; ++r) {
+          planes[r] = in + (int64_t(b0 + r) * g.channels + c) * g.plane();
+          out_planes[r] = out + (int64_t(b0 + r) * g.channels + c) * g.plane();
+        }
+        for (int h0 = 0; h0 < g.height; h0 += tile_rows)
+          tiles[items - 1][std::min(tile_rows, g.height - h0) - 1](planes, taps.origin, g, h0, out_planes);
+      }
+    }
+  }
+}
+
+// One batch item's part of row_weight_grad: the row pairs' products added to acc, the centre row pair's (d = 0) to
+// `centre` when Centre (every other item: the centre's chain of multiply-adds, one per row pair and item, was the
+// longest, its latency longer than the tile's multiply-adds at 2 a cycle).
+template <int H, int S, bool Centre>
+inline __attribute__((always_inline)) void row_weight_grad_item(const float *x, const Vec *d, int W, Vec *acc,
+                                                                Vec &centre) {
+  UNROLLED for (int qh = 0; qh < H; ++qh) {
+    const Vec pixel = splat(x[qh * W]);
+    UNROLLED for (int ph = 0; ph < H; ++ph) {
+      Vec &sum = Centre && qh == ph ? centre : acc[qh - ph + H - 1];
+      sum += pixel * d[ph * S];
+    }
+  }
+}
+
+// The weight gradient of one channel's vector s of each row, input column qw: acc[d + H - 1] = sum over the batch and
+// the input rows qh of in[qh][qw] * dy[qh - d][s], dy's rows as vectors reversed (lane l of vector s is column
+// W - 1 - (s L + l), zero past the row): the taps of kernel row d + pad from column pad + qw - (W - 1) + s L on.
+template <int H, int S>
+void row_weight_grad(const float *const *in, const Vec *dy, int batch, int W, int s, int qw, Vec *acc_out) {
+  Vec acc[2 * H - 1] = {}, centre = {};
+  int b = 0;
+  for (; b + 1 < batch; b += 2) {
+    row_weight_grad_item<H, S, false>(in[b] + qw, dy + int64_t(b) * H * S + s, W, acc, centre);
+    row_weight_grad_item<H, S, true>(in[b + 1] + qw, dy + int64_t(b + 1) * H * S + s, W, acc, centre);
+  }
+  if (b < batch) row_weight_grad_item<H, S, false>(in[b] + qw, dy + int64_t(b) * H * S + s, W, acc, centre);
+  acc[H - 1] += centre;
+  UNROLLED for (int t = 0; t < 2 * H - 1; ++t) acc_out[t] = acc[t];
+}
+
+template <int S, int... Hs>
+constexpr auto row_weight_grad_table(std::integer_sequence<int, Hs...>) {
+  return std::array{&row_weight_grad<Hs + 1, S>...};
+}
+const std::array row_weight_grads = {row_weight_grad_table<1>(std::make_integer_sequence<int, kMostRowMapSize>()),
+                                     row_weight_grad_table<2>(std::make_integer_sequence<int, kMostRowMapSize>())};
+
+// How reversed_row reverses a row of W pixels into S vectors: vector s takes lane l from pixel W - 1 - (s L + l)
+// of the row's (up to) two vectors, or zero past the row.
+struct RowReversal {
+  typedef int32_t Index __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  Index column[2], real[2];
+  explicit RowReversal(int W) {
+    for (int s = 0; s < 2; ++s)
+      for (int l = 0; l < kLanes; ++l) {
+        const int pixel = W - 1 - (s * kLanes + l);
+        column[s][l] = pixel >= 0 ? pixel : 0;
+        real[s][l] = pixel >= 0 ? -1 : 0;
+      }
+  }
+};
+
+// Row h of a plane, reversed, as S vectors (S <= 2).
+void reversed_row(const float *plane, const Geometry &g, int h, int S, const RowReversal &reversal, Vec *out) {
+  const int W = g.width;
+  Vec pixels[2] = {};
+  for (int s = 0; s < S; ++s) {
+    const float *from = plane + h * W + s * kLanes;
+    const int count = std::min(kLanes, W - s * kLanes);
+    // Whole vectors where they stay within the plane (a row's spill is the next row's start).
+    pixels[s] = h + 1 < g.height || count == kLanes ? load(from, kLanes)
+                : g.plane() >= kLanes               ? load_tail(from, count)
+                                                    : load(from, count);
+  }
+  typedef RowReversal::Index Index;
+  if (S == 1) {
+    out[0] = (Vec)((Index)__builtin_shuffle(pixels[0], reversal.column[0]) & reversal.real[0]);
+    return;
+  }
+  for (int s = 0; s < S; ++s)
+    out[s] = (Vec)((Index)__builtin_shuffle(pixels[0], pixels[1], reversal.column[s]) & reversal.real[s]);
+}
+
+void weight_grad_by_rows(const float *x, const float *dy, float *dweight, const Geometry &g) {
+  const int S = row_vectors(g), K = g.kernel, H = g.height, W = g.width, p = g.pad;
+  const int threads = std::min(threads_for(g), g.channels);
+  const RowReversal reversal(W);
+#pragma omp parallel num_threads(threads)
+  {
+    ReversedKernel taps(g);  // here the taps in their own order, rows kTapRow floats apart
+    std::vector<Vec> rows(int64_t(g.batch) * H * S);
+    std::vector<const float *> planes(g.batch);
+    Vec acc[2 * kMostRowMapSize - 1];
+#pragma omp for schedule(dynamic, kUnitsPerChunk)
+    for (int c = 0; c < g.channels; ++c) {
+      if (c + 1 < g.channels) {
+        prefetch_channels(x, g, c + 1, 1, false);
+        prefetch_channels(dy, g, c + 1, 1, false);
+      }
+      for (int b = 0; b < g.batch; ++b) {
+        planes[b] = x + (int64_t(b) * g.channels + c) * g.plane();
+        const float *gradient = dy + (int64_t(b) * g.channels + c) * g.plane();
+        for (int h = 0; h < H; ++h)
+          reversed_row(gradient, g, h, S, reversal, rows.data() + (int64_t(b) * H + h) * S);
+      }
+      std::fill(taps.storage.begin(), taps.storage.end(), Vec{});
+      for (int s = 0; s < S; ++s)
+        for (int qw = 0; qw < W; ++qw) {
+          row_weight_grads[S - 1][H - 1](planes.data(), rows.data(), g.batch, W, s, qw, acc);
+          for (int d = -(H - 1); d <= H - 1; ++d) {
+            float *to = taps.origin + (d + p) * kTapRow + p + qw - (W - 1) + s * kLanes;
+            Vec sum;
+            std::memcpy(&sum, to, sizeof(Vec));
+            sum += acc[d + H - 1];
+            std::memcpy(to, &sum, sizeof(Vec));
+          }
+        }
+      // Kernel rows by whole vectors, each spilling into the next row's start, which is written after; the channel's
+      // last row exactly (the next channel may be another thread's).
+      float *out = dweight + int64_t(c) * K * K;
+      for (int i = 0; i < K; ++i)
+        for (int j = 0; j < K; j += kLanes) {
+          Vec v;
+          std::memcpy(&v, taps.origin + i * kTapRow + j, sizeof(Vec));
+          store(v, i + 1 < K ? kLanes : std::min(kLanes, K - j), out + i * K + j);
+        }
+    }
+  }
+}
+
 // out[b, c] = conv(in[b, c], kernel[c]) (kernel flipped in both axes when `flip`), for all b, c.
 void convolve(const float *in, const float *kernel, float *out, const Geometry &g, bool flip) {
+  if (by_rows(g, kRowsLeastBatch)) return convolve_by_rows(in, kernel, out, g, flip);
   const bool by_inputs = multiply_adds(g.height, g.kernel, kTileRows, true) *
                              multiply_adds(g.width, g.kernel, kTileColumns, true) <
                          multiply_adds(g.height, g.kernel, kTileRows, false) *
@@ -496,6 +809,7 @@ void sum_lanes(const Vec *lane_sums, const Geometry &g, const GroupPlanes &plane
 }
 
 void weight_grad(const float *x, const float *dy, float *dweight, const Geometry &g) {
+  if (by_rows(g, kRowWeightGradLeastBatch)) return weight_grad_by_rows(x, dy, dweight, g);
   const int K = g.kernel, p = g.pad;
   // Kernel rows/columns that see at least one real pixel; the others stay zero.
   const int row_first = std::max(0, p - g.height + 1), row_last = std::min(K - 1, p + g.height - 1);
