@@ -570,11 +570,12 @@ inline __attribute__((always_inline)) void row_weight_grad_item(const float *x, 
   }
 }
 
-// The weight gradient of one channel's vector s of each row, input column qw: acc[d + H - 1] = sum over the batch and
-// the input rows qh of in[qh][qw] * dy[qh - d][s], dy's rows as vectors reversed (lane l of vector s is column
-// W - 1 - (s L + l), zero past the row): the taps of kernel row d + pad from column pad + qw - (W - 1) + s L on.
+// The weight gradient of one channel's vector s of each row, input column qw: the sum over the batch and the input
+// rows qh of in[qh][qw] * dy[qh - d][s], dy's rows as vectors reversed (lane l of vector s is column W - 1 - (s L + l),
+// zero past the row), added to the taps of kernel row d + pad from column pad + qw - (W - 1) + s L on: `taps` points
+// at that column of kernel row pad - (H - 1), rows kTapRow floats apart.
 template <int H, int S>
-void row_weight_grad(const float *const *in, const Vec *dy, int batch, int W, int s, int qw, Vec *acc_out) {
+void row_weight_grad(const float *const *in, const Vec *dy, int batch, int W, int s, int qw, float *taps) {
   Vec acc[2 * H - 1] = {}, centre = {};
   int b = 0;
   for (; b + 1 < batch; b += 2) {
@@ -583,7 +584,12 @@ void row_weight_grad(const float *const *in, const Vec *dy, int batch, int W, in
   }
   if (b < batch) row_weight_grad_item<H, S, false>(in[b] + qw, dy + int64_t(b) * H * S + s, W, acc, centre);
   acc[H - 1] += centre;
-  UNROLLED for (int t = 0; t < 2 * H - 1; ++t) acc_out[t] = acc[t];
+  UNROLLED for (int t = 0; t < 2 * H - 1; ++t) {
+    Vec sum;
+    std::memcpy(&sum, taps + t * kTapRow, sizeof(Vec));
+    sum += acc[t];
+    std::memcpy(taps + t * kTapRow, &sum, sizeof(Vec));
+  }
 }
 
 template <int S, int... Hs>
@@ -638,7 +644,6 @@ void weight_grad_by_rows(const float *x, const float *dy, float *dweight, const 
     ReversedKernel taps(g);  // here the taps in their own order, rows kTapRow floats apart
     std::vector<Vec> rows(int64_t(g.batch) * H * S);
     std::vector<const float *> planes(g.batch);
-    Vec acc[2 * kMostRowMapSize - 1];
 #pragma omp for schedule(dynamic, kUnitsPerChunk)
     for (int c = 0; c < g.channels; ++c) {
       if (c + 1 < g.channels) {
@@ -654,14 +659,8 @@ void weight_grad_by_rows(const float *x, const float *dy, float *dweight, const 
       std::fill(taps.storage.begin(), taps.storage.end(), Vec{});
       for (int s = 0; s < S; ++s)
         for (int qw = 0; qw < W; ++qw) {
-          row_weight_grads[S - 1][H - 1](planes.data(), rows.data(), g.batch, W, s, qw, acc);
-          for (int d = -(H - 1); d <= H - 1; ++d) {
-            float *to = taps.origin + (d + p) * kTapRow + p + qw - (W - 1) + s * kLanes;
-            Vec sum;
-            std::memcpy(&sum, to, sizeof(Vec));
-            sum += acc[d + H - 1];
-            std::memcpy(to, &sum, sizeof(Vec));
-          }
+          row_weight_grads[S - 1][H - 1](planes.data(), rows.data(), g.batch, W, s, qw,
+                                         taps.origin + (p - (H - 1)) * kTapRow + p + qw - (W - 1) + s * kLanes);
         }
       // Kernel rows by whole vectors, each spilling into the next row's start, which is written after; the channel's
       // last row exactly (the next channel may be another thread's).
