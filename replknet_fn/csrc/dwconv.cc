@@ -429,43 +429,34 @@ struct PaddedWeights {
         origin(storage.data() + (kTileRows - 1) * row_length + kInputTileColumns - 1) {}
 };
 
-// Small maps the kernel reaches across (K >= 2H - 1 and K >= 2W - 1, as 7x7 at K13) by output rows. Lanes hold an
-// output row's pixels (a row of W <= 8 in one AVX2 vector, in two of SSE's), so planes are read and written where they
-// lie in NCHW: no interleaving, which took about half the time of the lanes-as-planes kernels on 7x7 maps. Every input
-// pixel meets every output row, and the taps joining input pixel (qh, qw) to output row ph lie side by side in a
-// kernel row reversed: vector (ph, s) of the output gains in[qh][qw] * taps[qh - ph + pad][pad - qw + s L ...].
-// The lanes past W in a row's last vector compute nothing useful (1 of 8 at W = 7).
+// Small maps the kernel reaches across (K >= 2H - 1 and K >= 2W - 1, as 7x7 at K13) by output rows. A vector holds an
+// output row (W <= kLanes pixels), so planes are read and written where they lie in NCHW: no interleaving, which took
+// about as long as the multiply-adds of the lanes-as-planes kernels on 7x7 maps. Every input pixel meets every output
+// row, and the taps joining input pixel (qh, qw) to output row ph lie side by side in a kernel row reversed: output
+// row ph gains in[qh][qw] * taps[qh - ph + pad][pad - qw ...]. The lanes past W compute nothing useful (1 of 8 at 7).
 //   forward and input gradient: a register tile of batch items x output rows, one broadcast input pixel per batch
 //            item and one tap vector (a memory operand) per multiply-add (`row_tile`).
-//   weight gradient: for each input column qw, the 2H - 1 tap rows' vectors in registers, summed over the batch, the
-//            input rows and the output rows (a row pair's taps are one vector), then added to the kernel
-//            (`row_weight_grad`).
-// Tiles per target: the accumulators and the broadcasts (and, without fused multiply-add, a product) within the
-// vector registers.
-#if defined(__aarch64__) || REPLKNET_LANES == 8
-constexpr int kRowTileItems = 2;
-#else
-constexpr int kRowTileItems = 1;
-#endif
-constexpr int kRowTileRows = 7;  // a 7x7 map's rows: 2 x 7 accumulators on AVX2, 1 x 7 x 2 vectors on SSE
-constexpr int kMostRowMapSize = 8;  // so that a row is at most 2 vectors (of 4 lanes)
+//   weight gradient: for each input column, the 2H - 1 kernel rows' vectors in registers, summed over the batch and
+//            the row pairs, then added to the kernel (`row_weight_grad`).
+// Only where it was measured faster: AVX2 (K13 on 7x7, one thread: forward 0.73 ms against 0.93 by planes). SSE's
+// 4-lane build was slower (forward 2.2 ms against 1.7: a row in two vectors, no fused multiply-add); AVX-512 has 16
+// lanes for a 7-pixel row; NEON is not measured.
+constexpr bool kRowsMeasuredFaster = kLanes == 8;
+constexpr int kRowTileItems = 2, kRowTileRows = 7;  // 2 x 7 accumulators and 2 broadcasts: AVX2's 16 registers
+constexpr int kMostRowMapSize = 8;
 // Batches from which the taps' copies per channel pay off (K13 on 7x7, AVX2, one thread: forward at batch 2 0.22 ms
 // against 0.29 by planes; weight gradient at batch 2 0.35 against 0.29, at batch 4 0.52 against 0.60).
 constexpr int kRowsLeastBatch = 2, kRowWeightGradLeastBatch = 4;
-
-// A row's vectors, and the floats of a reversed kernel row (a 64-byte line: a vector read within it never spans two
-// lines, which would cost two reads).
-int row_vectors(const Geometry &g) { return ceil_div(g.width, kLanes); }
+// Floats of a reversed kernel row: a 64-byte line, so that a vector read within it never spans two lines (which
+// would cost two reads).
 constexpr int kTapRow = 16;
 
-// Whether the map is computed by output rows: the kernel reaches across it, its rows fit kTapRow's reads, at least
-// 3/4 of the lanes are real pixels (so never on AVX-512's 16 lanes at 7x7), and the batch (at least `least_batch`)
-// shares the taps' copies.
+// Whether the map is computed by output rows: the kernel reaches across it, a row fills at least 3/4 of a vector,
+// its reads fit kTapRow, and the batch (at least `least_batch`) shares the taps' copies.
 bool by_rows(const Geometry &g, int least_batch) {
-  const int S = row_vectors(g);
-  return g.kernel >= 2 * g.height - 1 && g.kernel >= 2 * g.width - 1 && g.height <= kMostRowMapSize &&
-         g.width <= kMostRowMapSize && g.pad + S * kLanes <= kTapRow && 4 * g.width >= 3 * S * kLanes &&
-         g.batch >= least_batch;
+  return kRowsMeasuredFaster && g.kernel >= 2 * g.height - 1 && g.kernel >= 2 * g.width - 1 &&
+         g.height <= kMostRowMapSize && g.width <= kLanes && 4 * g.width >= 3 * kLanes &&
+         g.pad + kLanes <= kTapRow && g.batch >= least_batch;
 }
 
 // One channel's taps, each kernel row reversed (of the kernel flipped in both axes when `flip`) at the start of a
@@ -473,7 +464,8 @@ bool by_rows(const Geometry &g, int least_batch) {
 struct ReversedKernel {
   std::vector<Vec> storage;
   float *origin;
-  explicit ReversedKernel(const Geometry &g) : storage(int64_t(g.kernel + 1) * kTapRow / kLanes + 64 / sizeof(Vec), Vec{}) {
+  explicit ReversedKernel(const Geometry &g)
+      : storage(int64_t(g.kernel + 1) * kTapRow / kLanes + 64 / sizeof(Vec), Vec{}) {
     const auto address = reinterpret_cast<uintptr_t>(storage.data());
     origin = reinterpret_cast<float *>((address + 63) / 64 * 64);
   }
@@ -486,12 +478,12 @@ struct ReversedKernel {
   }
 };
 
-// Output rows ph0 .. ph0 + RH - 1 (S vectors each) of RB planes: out[r][ph][s] = sum over input pixels (qh, qw) of
-// in[r][qh][qw] * taps[qh - ph + pad][pad - qw + s L ...]. A row's last vector is stored whole but in the plane's last
-// row, its lanes past W spilling into the next row, which is written after.
-template <int RB, int RH, int S>
+// Output rows ph0 .. ph0 + RH - 1 of RB planes: out[r][ph] = sum over input pixels (qh, qw) of
+// in[r][qh][qw] * taps[qh - ph + pad][pad - qw ...]. A row is stored as a whole vector but in the plane's last row,
+// its lanes past W spilling into the next row, which is written after.
+template <int RB, int RH>
 void row_tile(const float *const *in, const float *taps, const Geometry &g, int ph0, float *const *out) {
-  Vec acc[RB][RH][S] = {};
+  Vec acc[RB][RH] = {};
   const int W = g.width;
   for (int qh = 0; qh < g.height; ++qh) {
     const float *row = taps + (qh - ph0 + g.pad) * kTapRow + g.pad;  // tap row of output row ph0, column pad
@@ -499,36 +491,27 @@ void row_tile(const float *const *in, const float *taps, const Geometry &g, int 
       const float *t = row - qw;
       Vec x[RB];
       UNROLLED for (int r = 0; r < RB; ++r) x[r] = splat(in[r][qh * W + qw]);
-      UNROLLED for (int a = 0; a < RH; ++a)
-        UNROLLED for (int s = 0; s < S; ++s) {
-          Vec tap;
-          std::memcpy(&tap, t - a * kTapRow + s * kLanes, sizeof(Vec));
-          UNROLLED for (int r = 0; r < RB; ++r) acc[r][a][s] += x[r] * tap;
-        }
+      UNROLLED for (int a = 0; a < RH; ++a) {
+        Vec tap;
+        std::memcpy(&tap, t - a * kTapRow, sizeof(Vec));
+        UNROLLED for (int r = 0; r < RB; ++r) acc[r][a] += x[r] * tap;
+      }
     }
   }
-  const int last = W - (S - 1) * kLanes;  // pixels in a row's last vector
   UNROLLED for (int r = 0; r < RB; ++r)
-    UNROLLED for (int a = 0; a < RH; ++a) {
-      float *to = out[r] + (ph0 + a) * W;
-      UNROLLED for (int s = 0; s < S - 1; ++s) store(acc[r][a][s], kLanes, to + s * kLanes);
-      store(acc[r][a][S - 1], ph0 + a + 1 < g.height ? kLanes : last, to + (S - 1) * kLanes);
-    }
+    UNROLLED for (int a = 0; a < RH; ++a) store(acc[r][a], ph0 + a + 1 < g.height ? kLanes : W, out[r] + (ph0 + a) * W);
 }
 
-template <int S>
 struct RowTiles {
-  template <int RB, int RH> static constexpr auto tile() { return &row_tile<RB, RH, S>; }
+  template <int RB, int RH> static constexpr auto tile() { return &row_tile<RB, RH>; }
 };
-const auto row_tiles_1 = tile_table<RowTiles<1>, kRowTileItems, kRowTileRows>();
-const auto row_tiles_2 = tile_table<RowTiles<2>, kRowTileItems, kRowTileRows>();
+const auto row_tiles = tile_table<RowTiles, kRowTileItems, kRowTileRows>();
 
 // The forward (or, flipped, the input gradient) by output rows, channel by channel.
 void convolve_by_rows(const float *in, const float *kernel, float *out, const Geometry &g, bool flip) {
-  const int S = row_vectors(g), K = g.kernel;
+  const int K = g.kernel;
   const int tile_items = balanced_block(0, g.batch - 1, kRowTileItems);
   const int tile_rows = balanced_block(0, g.height - 1, kRowTileRows);
-  const auto &tiles = S == 1 ? row_tiles_1 : row_tiles_2;
   const int threads = std::min(threads_for(g), g.channels);
 #pragma omp parallel num_threads(threads)
   {
@@ -549,7 +532,7 @@ void convolve_by_rows(const float *in, const float *kernel, float *out, const Ge
           out_planes[r] = out + (int64_t(b0 + r) * g.channels + c) * g.plane();
         }
         for (int h0 = 0; h0 < g.height; h0 += tile_rows)
-          tiles[items - 1][std::min(tile_rows, g.height - h0) - 1](planes, taps.origin, g, h0, out_planes);
+          row_tiles[items - 1][std::min(tile_rows, g.height - h0) - 1](planes, taps.origin, g, h0, out_planes);
       }
     }
   }
@@ -558,31 +541,31 @@ void convolve_by_rows(const float *in, const float *kernel, float *out, const Ge
 // One batch item's part of row_weight_grad: the row pairs' products added to acc, the centre row pair's (d = 0) to
 // `centre` when Centre (every other item: the centre's chain of multiply-adds, one per row pair and item, was the
 // longest, its latency longer than the tile's multiply-adds at 2 a cycle).
-template <int H, int S, bool Centre>
+template <int H, bool Centre>
 inline __attribute__((always_inline)) void row_weight_grad_item(const float *x, const Vec *d, int W, Vec *acc,
                                                                 Vec &centre) {
   UNROLLED for (int qh = 0; qh < H; ++qh) {
     const Vec pixel = splat(x[qh * W]);
     UNROLLED for (int ph = 0; ph < H; ++ph) {
       Vec &sum = Centre && qh == ph ? centre : acc[qh - ph + H - 1];
-      sum += pixel * d[ph * S];
+      sum += pixel * d[ph];
     }
   }
 }
 
-// The weight gradient of one channel's vector s of each row, input column qw: the sum over the batch and the input
-// rows qh of in[qh][qw] * dy[qh - d][s], dy's rows as vectors reversed (lane l of vector s is column W - 1 - (s L + l),
-// zero past the row), added to the taps of kernel row d + pad from column pad + qw - (W - 1) + s L on: `taps` points
-// at that column of kernel row pad - (H - 1), rows kTapRow floats apart.
-template <int H, int S>
-void row_weight_grad(const float *const *in, const Vec *dy, int batch, int W, int s, int qw, float *taps) {
+// The weight gradient of one channel at input column qw: the sum over the batch and the input rows qh of
+// in[qh][qw] * dy[qh - d], dy's rows as vectors reversed (lane l is column W - 1 - l, zero past the row), added to the
+// taps of kernel row d + pad from column pad + qw - (W - 1) on: `taps` points at that column of kernel row
+// pad - (H - 1), rows kTapRow floats apart.
+template <int H>
+void row_weight_grad(const float *const *in, const Vec *dy, int batch, int W, int qw, float *taps) {
   Vec acc[2 * H - 1] = {}, centre = {};
   int b = 0;
   for (; b + 1 < batch; b += 2) {
-    row_weight_grad_item<H, S, false>(in[b] + qw, dy + int64_t(b) * H * S + s, W, acc, centre);
-    row_weight_grad_item<H, S, true>(in[b + 1] + qw, dy + int64_t(b + 1) * H * S + s, W, acc, centre);
+    row_weight_grad_item<H, false>(in[b] + qw, dy + int64_t(b) * H, W, acc, centre);
+    row_weight_grad_item<H, true>(in[b + 1] + qw, dy + int64_t(b + 1) * H, W, acc, centre);
   }
-  if (b < batch) row_weight_grad_item<H, S, false>(in[b] + qw, dy + int64_t(b) * H * S + s, W, acc, centre);
+  if (b < batch) row_weight_grad_item<H, false>(in[b] + qw, dy + int64_t(b) * H, W, acc, centre);
   acc[H - 1] += centre;
   UNROLLED for (int t = 0; t < 2 * H - 1; ++t) {
     Vec sum;
@@ -592,57 +575,35 @@ void row_weight_grad(const float *const *in, const Vec *dy, int batch, int W, in
   }
 }
 
-template <int S, int... Hs>
+template <int... Hs>
 constexpr auto row_weight_grad_table(std::integer_sequence<int, Hs...>) {
-  return std::array{&row_weight_grad<Hs + 1, S>...};
+  return std::array{&row_weight_grad<Hs + 1>...};
 }
-const std::array row_weight_grads = {row_weight_grad_table<1>(std::make_integer_sequence<int, kMostRowMapSize>()),
-                                     row_weight_grad_table<2>(std::make_integer_sequence<int, kMostRowMapSize>())};
+const auto row_weight_grads = row_weight_grad_table(std::make_integer_sequence<int, kMostRowMapSize>());
 
-// How reversed_row reverses a row of W pixels into S vectors: vector s takes lane l from pixel W - 1 - (s L + l)
-// of the row's (up to) two vectors, or zero past the row.
-struct RowReversal {
-  typedef int32_t Index __attribute__((vector_size(kLanes * sizeof(int32_t))));
-  Index column[2], real[2];
-  explicit RowReversal(int W) {
-    for (int s = 0; s < 2; ++s)
-      for (int l = 0; l < kLanes; ++l) {
-        const int pixel = W - 1 - (s * kLanes + l);
-        column[s][l] = pixel >= 0 ? pixel : 0;
-        real[s][l] = pixel >= 0 ? -1 : 0;
-      }
-  }
-};
-
-// Row h of a plane, reversed, as S vectors (S <= 2).
-void reversed_row(const float *plane, const Geometry &g, int h, int S, const RowReversal &reversal, Vec *out) {
-  const int W = g.width;
-  Vec pixels[2] = {};
-  for (int s = 0; s < S; ++s) {
-    const float *from = plane + h * W + s * kLanes;
-    const int count = std::min(kLanes, W - s * kLanes);
-    // Whole vectors where they stay within the plane (a row's spill is the next row's start).
-    pixels[s] = h + 1 < g.height || count == kLanes ? load(from, kLanes)
-                : g.plane() >= kLanes               ? load_tail(from, count)
-                                                    : load(from, count);
-  }
-  typedef RowReversal::Index Index;
-  if (S == 1) {
-    out[0] = (Vec)((Index)__builtin_shuffle(pixels[0], reversal.column[0]) & reversal.real[0]);
-    return;
-  }
-  for (int s = 0; s < S; ++s)
-    out[s] = (Vec)((Index)__builtin_shuffle(pixels[0], pixels[1], reversal.column[s]) & reversal.real[s]);
+// Row h of a plane, reversed into a vector (lane l is pixel W - 1 - l; zeros past the row) by `column` and `real`.
+typedef int32_t LaneIndex __attribute__((vector_size(kLanes * sizeof(int32_t))));
+Vec reversed_row(const float *plane, const Geometry &g, int h, const LaneIndex &column, const LaneIndex &real) {
+  const float *from = plane + h * g.width;
+  // A whole vector where it stays within the plane (a row's spill is the next row's start).
+  const Vec pixels = h + 1 < g.height || g.width == kLanes ? load(from, kLanes)
+                     : g.plane() >= kLanes                 ? load_tail(from, g.width)
+                                                           : load(from, g.width);
+  return (Vec)((LaneIndex)__builtin_shuffle(pixels, column) & real);
 }
 
 void weight_grad_by_rows(const float *x, const float *dy, float *dweight, const Geometry &g) {
-  const int S = row_vectors(g), K = g.kernel, H = g.height, W = g.width, p = g.pad;
+  const int K = g.kernel, H = g.height, W = g.width, p = g.pad;
   const int threads = std::min(threads_for(g), g.channels);
-  const RowReversal reversal(W);
+  LaneIndex column, real;
+  for (int l = 0; l < kLanes; ++l) {
+    column[l] = std::max(0, W - 1 - l);
+    real[l] = l < W ? -1 : 0;
+  }
 #pragma omp parallel num_threads(threads)
   {
     ReversedKernel taps(g);  // here the taps in their own order, rows kTapRow floats apart
-    std::vector<Vec> rows(int64_t(g.batch) * H * S);
+    std::vector<Vec> rows(int64_t(g.batch) * H);
     std::vector<const float *> planes(g.batch);
 #pragma omp for schedule(dynamic, kUnitsPerChunk)
     for (int c = 0; c < g.channels; ++c) {
@@ -653,15 +614,12 @@ void weight_grad_by_rows(const float *x, const float *dy, float *dweight, const 
       for (int b = 0; b < g.batch; ++b) {
         planes[b] = x + (int64_t(b) * g.channels + c) * g.plane();
         const float *gradient = dy + (int64_t(b) * g.channels + c) * g.plane();
-        for (int h = 0; h < H; ++h)
-          reversed_row(gradient, g, h, S, reversal, rows.data() + (int64_t(b) * H + h) * S);
+        for (int h = 0; h < H; ++h) rows[int64_t(b) * H + h] = reversed_row(gradient, g, h, column, real);
       }
       std::fill(taps.storage.begin(), taps.storage.end(), Vec{});
-      for (int s = 0; s < S; ++s)
-        for (int qw = 0; qw < W; ++qw) {
-          row_weight_grads[S - 1][H - 1](planes.data(), rows.data(), g.batch, W, s, qw,
-                                         taps.origin + (p - (H - 1)) * kTapRow + p + qw - (W - 1) + s * kLanes);
-        }
+      for (int qw = 0; qw < W; ++qw)
+        row_weight_grads[H - 1](planes.data(), rows.data(), g.batch, W, qw,
+                                taps.origin + (p - (H - 1)) * kTapRow + p + qw - (W - 1));
       // Kernel rows by whole vectors, each spilling into the next row's start, which is written after; the channel's
       // last row exactly (the next channel may be another thread's).
       float *out = dweight + int64_t(c) * K * K;
