@@ -29,8 +29,8 @@
 //            K13), a whole kernel row, summed over the row pairs that meet (`weight_grad_by_row_pairs`). Lanes are
 //            summed per channel once per unit (`sum_lanes`).
 // Either way a multiply-add reads one vector from memory, which the x86 FMA takes as an operand.
-// Maps up to 8 x 8 that the kernel reaches across both ways (7x7 at K13) are computed by output rows instead: lanes
-// hold an output row's pixels, and planes are read and written where they lie (`convolve_by_rows`,
+// On AVX2, maps of rows 6-8 pixels wide that the kernel reaches across both ways (7x7 at K13) are computed by output
+// rows instead: a vector holds an output row, and planes are read and written where they lie (`convolve_by_rows`,
 // `weight_grad_by_rows`), where interleaving them had taken about as long as the multiply-adds.
 // Plain C++ with GCC vector extensions: no asm, no intrinsics, so the portable build compiles for any CPU.
 #include <omp.h>
