@@ -14,10 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from replknet_fn import allocator
+from replknet_fn import allocator, kernels
 
 if __name__ == "__main__":
     allocator.restart_with_jemalloc()  # before MindSpore loads: allocator.py says why
+    kernels.build_in_background()  # g++ while MindSpore imports (kernels.py)
 
 import mindspore as ms
 

@@ -17,10 +17,11 @@ import logging
 import sys
 from pathlib import Path
 
-from replknet_fn import allocator
+from replknet_fn import allocator, kernels
 
 if __name__ == "__main__":
     allocator.restart_with_jemalloc()  # before MindSpore loads: allocator.py says why
+    kernels.build_in_background()  # g++ while MindSpore imports (kernels.py)
 
 from replknet_fn import data, device, dist, dwconv
 from replknet_fn.checkpoint import CheckpointError

@@ -40,17 +40,18 @@ import sys
 import time
 from pathlib import Path
 
-from replknet_fn import allocator
+from replknet_fn import allocator, kernels
 
 if __name__ == "__main__":
     allocator.restart_with_jemalloc()  # before MindSpore loads: allocator.py says why
+    kernels.build_in_background()  # g++ while MindSpore imports (kernels.py)
 
 import mindspore as ms
 import numpy as np
 from mindspore import ops
 from mindspore.common.parameter import ParameterTuple
 
-from replknet_fn import compile_cache, device, dwconv, kernels
+from replknet_fn import compile_cache, device, dwconv
 from replknet_fn.config import DEFAULTS, Config
 from replknet_fn.model import MODELS, build_replknet, create_model
 from replknet_fn.optim import create_optimizer
