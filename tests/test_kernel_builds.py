@@ -1,4 +1,4 @@
-"""The kernels' libraries built in a background thread while the entry scripts import MindSpore."""
+"""The kernels' libraries built in background threads while the entry scripts import MindSpore."""
 import threading
 
 from replknet_fn import kernels
