@@ -245,11 +245,12 @@ void store(const Vec &v, int count, float *to) {
   }
 }
 
-// The same as load(from, count) for count < kLanes where the kLanes - count floats before `from` may be read (the
-// vector ends with the plane's last pixel, in a plane of at least kLanes): one vector read ending at from + count,
-// shifted down. load's pieces reach the vector through memory, and reading it whole after storing them in pieces
-// stalls (~50 cycles a vector: ~14% of the weight gradient of 7x7 maps at K13).
-Vec load_tail(const float *from, int count) {
+// A plane's last `count` floats (count <= kLanes; `from` is `count` floats before the end of a plane of `plane`
+// floats) in a vector, zeros after them: load, but where a part vector follows a whole one, one read ending at the
+// plane's last pixel, shifted down. load's pieces reach the vector through memory, and reading it whole after storing
+// them in pieces stalls (~50 cycles a vector: ~14% of the weight gradient of 7x7 maps at K13).
+Vec load_plane_end(const float *from, int count, int64_t plane) {
+  if (count == kLanes || plane < kLanes) return load(from, count);
   typedef int32_t Index __attribute__((vector_size(kLanes * sizeof(int32_t))));
   Index lane;
   UNROLLED for (int k = 0; k < kLanes; ++k) lane[k] = k;
@@ -278,11 +279,8 @@ void gather(const float *in, const Geometry &g, const GroupPlanes &planes, int p
   for (int64_t first = 0; first < g.plane(); first += kLanes) {
     const int pixels = int(std::min<int64_t>(kLanes, g.plane() - first));
     Vec block[kLanes];
-    const bool tail = pixels < kLanes && g.plane() >= kLanes;
-    UNROLLED for (int lane = 0; lane < kLanes; ++lane) {
-      const float *from = in + planes.offset[lane] + first;
-      block[lane] = lane >= planes.count ? Vec{} : tail ? load_tail(from, pixels) : load(from, pixels);
-    }
+    UNROLLED for (int lane = 0; lane < kLanes; ++lane)  // a part block only at the planes' end
+      block[lane] = lane < planes.count ? load_plane_end(in + planes.offset[lane] + first, pixels, g.plane()) : Vec{};
     transpose(block);
     for (int k = 0; k < pixels; ++k) {
       out[int64_t(h + pad) * row_length + w + pad] = block[k];
@@ -459,17 +457,18 @@ bool by_rows(const Geometry &g, int least_batch) {
          g.pad + kLanes <= kTapRow && g.batch >= least_batch;
 }
 
-// One channel's taps, each kernel row reversed (of the kernel flipped in both axes when `flip`) at the start of a
-// 64-byte line of kTapRow floats: tap (i, j) of the (flipped) kernel at row i, column K - 1 - j. Zeros past column K.
-struct ReversedKernel {
+// One channel's taps in K rows of kTapRow floats, each row at the start of a 64-byte line, zeros past column K:
+// the forward's kernel rows reversed (`fill_reversed`), the weight gradient's sums in the kernel's own order.
+struct TapRows {
   std::vector<Vec> storage;
   float *origin;
-  explicit ReversedKernel(const Geometry &g)
+  explicit TapRows(const Geometry &g)
       : storage(int64_t(g.kernel + 1) * kTapRow / kLanes + 64 / sizeof(Vec), Vec{}) {
     const auto address = reinterpret_cast<uintptr_t>(storage.data());
     origin = reinterpret_cast<float *>((address + 63) / 64 * 64);
   }
-  void fill(const float *kernel, const Geometry &g, bool flip) {
+  // Tap (i, j) of the kernel (flipped in both axes when `flip`) at row i, column K - 1 - j.
+  void fill_reversed(const float *kernel, const Geometry &g, bool flip) {
     const int K = g.kernel;
     for (int i = 0; i < K; ++i) {
       float *row = origin + i * kTapRow;
@@ -512,17 +511,17 @@ void convolve_by_rows(const float *in, const float *kernel, float *out, const Ge
   const int K = g.kernel;
   const int tile_items = balanced_block(0, g.batch - 1, kRowTileItems);
   const int tile_rows = balanced_block(0, g.height - 1, kRowTileRows);
-  const int threads = std::min(threads_for(g), g.channels);
+  const int threads = threads_for(g);  // at most one a channel: units are channels or fewer
 #pragma omp parallel num_threads(threads)
   {
-    ReversedKernel taps(g);
+    TapRows taps(g);
 #pragma omp for schedule(dynamic, kUnitsPerChunk)
     for (int c = 0; c < g.channels; ++c) {
       if (c + 1 < g.channels) {  // the next channel's planes, small
         prefetch_channels(in, g, c + 1, 1, false);
         prefetch_channels(out, g, c + 1, 1, true);
       }
-      taps.fill(kernel + int64_t(c) * K * K, g, flip);
+      taps.fill_reversed(kernel + int64_t(c) * K * K, g, flip);
       for (int b0 = 0; b0 < g.batch; b0 += tile_items) {
         const int items = std::min(tile_items, g.batch - b0);
         const float *planes[kRowTileItems];
@@ -586,15 +585,13 @@ typedef int32_t LaneIndex __attribute__((vector_size(kLanes * sizeof(int32_t))))
 Vec reversed_row(const float *plane, const Geometry &g, int h, const LaneIndex &column, const LaneIndex &real) {
   const float *from = plane + h * g.width;
   // A whole vector where it stays within the plane (a row's spill is the next row's start).
-  const Vec pixels = h + 1 < g.height || g.width == kLanes ? load(from, kLanes)
-                     : g.plane() >= kLanes                 ? load_tail(from, g.width)
-                                                           : load(from, g.width);
+  const Vec pixels = h + 1 < g.height ? load(from, kLanes) : load_plane_end(from, g.width, g.plane());
   return (Vec)((LaneIndex)__builtin_shuffle(pixels, column) & real);
 }
 
 void weight_grad_by_rows(const float *x, const float *dy, float *dweight, const Geometry &g) {
   const int K = g.kernel, H = g.height, W = g.width, p = g.pad;
-  const int threads = std::min(threads_for(g), g.channels);
+  const int threads = threads_for(g);  // at most one a channel: units are channels or fewer
   LaneIndex column, real;
   for (int l = 0; l < kLanes; ++l) {
     column[l] = std::max(0, W - 1 - l);
@@ -602,7 +599,7 @@ void weight_grad_by_rows(const float *x, const float *dy, float *dweight, const 
   }
 #pragma omp parallel num_threads(threads)
   {
-    ReversedKernel taps(g);  // here the taps in their own order, rows kTapRow floats apart
+    TapRows taps(g);
     std::vector<Vec> rows(int64_t(g.batch) * H);
     std::vector<const float *> planes(g.batch);
 #pragma omp for schedule(dynamic, kUnitsPerChunk)
