@@ -14,17 +14,21 @@ How auto decides. MindSpore compiles a jitted step by tracing `construct`, and t
 does not work (MindSpore 2.8: an eager forward+backward run from inside the compile of a value_and_grad step
 crashed the process). So `decide_for(net, input_shape)`, called before a step is compiled, finds the input
 shape of each automatic conv of `net` and times direct against native at each new (batch, channels, height,
-width, kernel) (`decide`). Verdicts are kept on disk per machine and kernel build (`verdict_file`) and logged once
-per shape; construct reads them while it is traced. A shape nobody decided runs direct for K >= 3 and native for
-K = 1 (`direct_when_undecided`).
+width, kernel) (`decide`), in a child process, so that the ~30 small graphs the measuring compiles do not stay
+in the training process's memory. Verdicts are kept on disk per machine and kernel build (`verdict_file`) and
+logged once per shape; construct reads them while it is traced. A shape nobody decided runs direct for K >= 3
+and native for K = 1 (`direct_when_undecided`).
 """
 import hashlib
 import json
 import logging
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import mindspore as ms
 import numpy as np
@@ -228,33 +232,41 @@ def time_conv(impl, mode, shape, isa, repeat=1):
 
 def decide(shape, isa):
     """"direct" or "native" at `shape` (batch, channels, height, width, kernel[, stride]) for the kernel build
-    `isa`: the stored verdict, else measured and stored, by forward+backward time (what training runs).
+    `isa`: the stored verdict, else measured (`measure`), stored and logged."""
+    key = shape_key(*shape)
+    verdicts = stored_verdicts(isa)
+    if key not in verdicts:
+        impl, seconds = measure(shape, isa)
+        store_verdict(isa, key, impl, seconds)
+        log_verdict(isa, key, impl, "measured now: " + describe_seconds(seconds))
+    else:
+        log_verdict(isa, key, verdicts[key], f"measured before: {verdict_file(isa)}")
+    return verdicts[key]
+
+
+def measure(shape, isa):
+    """(impl, {what: seconds}): which of direct and native runs forward+backward (what training runs) faster at
+    `shape` for the kernel build `isa`.
 
     The native backward is slow where the direct kernel matters (K31@56x56x128, batch 8: ~9 s), so it is timed
     only when needed: direct forward+backward first, then native forward alone, and if that alone is slower,
     direct wins without timing native's backward."""
-    key = shape_key(*shape)
-    verdicts = stored_verdicts(isa)
-    if key not in verdicts:
-        seconds = {"direct_forward_backward": time_conv("direct", "forward_backward", shape, isa),
-                   "native_forward": time_conv("native", "forward", shape, isa)}
-        if seconds["native_forward"] >= seconds["direct_forward_backward"]:
-            impl = "direct"
-        else:
-            direct = seconds["direct_forward_backward"]
-            native = seconds["native_forward_backward"] = time_conv("native", "forward_backward", shape, isa)
-            if max(direct, native) < CLOSE_CALL_RATIO * min(direct, native):
-                direct = seconds["direct_forward_backward"] = time_conv("direct", "forward_backward", shape, isa,
-                                                                        CLOSE_CALL_REPEATS)
-                native = seconds["native_forward_backward"] = time_conv("native", "forward_backward", shape, isa,
-                                                                        CLOSE_CALL_REPEATS)
-            impl = "direct" if direct <= native else "native"
-        store_verdict(isa, key, impl, seconds)
-        log_verdict(isa, key, impl, "measured now: " + ", ".join(f"{name} {value * 1e3:.1f} ms"
-                                                                 for name, value in seconds.items()))
-    else:
-        log_verdict(isa, key, verdicts[key], f"measured before: {verdict_file(isa)}")
-    return verdicts[key]
+    seconds = {"direct_forward_backward": time_conv("direct", "forward_backward", shape, isa),
+               "native_forward": time_conv("native", "forward", shape, isa)}
+    if seconds["native_forward"] >= seconds["direct_forward_backward"]:
+        return "direct", seconds
+    direct = seconds["direct_forward_backward"]
+    native = seconds["native_forward_backward"] = time_conv("native", "forward_backward", shape, isa)
+    if max(direct, native) < CLOSE_CALL_RATIO * min(direct, native):
+        direct = seconds["direct_forward_backward"] = time_conv("direct", "forward_backward", shape, isa,
+                                                                CLOSE_CALL_REPEATS)
+        native = seconds["native_forward_backward"] = time_conv("native", "forward_backward", shape, isa,
+                                                                CLOSE_CALL_REPEATS)
+    return ("direct" if direct <= native else "native"), seconds
+
+
+def describe_seconds(seconds):
+    return ", ".join(f"{name} {value * 1e3:.1f} ms" for name, value in seconds.items())
 
 
 def log_verdict(isa, key, impl, how):
@@ -305,16 +317,69 @@ def conv_input_shapes(net, convs, input_shape):
 
 def decide_for(net, input_shape):
     """Decide (measure, or read the stored verdict) every automatic conv of `net` for an input of `input_shape`
-    (batch, channels, height, width), before a step or forward of `net` is compiled. Returns {shape key: impl}."""
+    (batch, channels, height, width), before a step or forward of `net` is compiled. Returns {shape key: impl}.
+    Shapes not decided yet are measured in a child process (`measure_in_child_process`)."""
     convs = [cell for _, cell in net.cells_and_names()
              if isinstance(cell, DepthwiseConv) and cell.automatic and cell.direct is not None]
     if not convs:
         return {}
-    verdicts = {}
-    for conv, shape in conv_input_shapes(net, convs, tuple(input_shape)).items():
-        conv_shape = (*shape, conv.kernel_size[0], conv.stride[0])
-        verdicts[shape_key(*conv_shape)] = decide(conv_shape, conv.isa)
-    return verdicts
+    shapes = list(dict.fromkeys(((*shape, conv.kernel_size[0], conv.stride[0]), conv.isa)
+                                for conv, shape in conv_input_shapes(net, convs, tuple(input_shape)).items()))
+    undecided = [(shape, isa) for shape, isa in shapes if shape_key(*shape) not in stored_verdicts(isa)]
+    if undecided:
+        measure_in_child_process(undecided)
+    return {shape_key(*shape): decide(shape, isa) for shape, isa in shapes}
+
+
+# --- measuring in a child process --------------------------------------------------------------------------------
+
+PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+CHILD_COMMAND = "import sys; from replknet_fn import dwconv; dwconv.child_process_main(sys.argv[1])"
+
+
+def measure_in_child_process(undecided):
+    """Measure and store the verdicts at `undecided` [(shape, isa)] in a child Python process, so that what the
+    measuring compiles and allocates (~30 one-conv graphs for RepLKNet-31B) leaves with it: measured in the training
+    process, it stayed in its peak memory (31B batch 4: 4.39 against 4.02 GB with the verdicts stored, Zen 3,
+    BENCHMARKS.md). If the child fails, its shapes are measured here (`decide`), with a warning saying why."""
+    log.info("auto depthwise conv: measuring %d shape(s) in a child process (a few seconds; stored for later runs)",
+             len(undecided))
+    request = json.dumps({"device_target": device.current_target(),
+                          "shapes": [[list(shape), isa] for shape, isa in undecided]})
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [PACKAGE_PARENT,
+                                                                              os.environ.get("PYTHONPATH")])))
+    try:
+        child = subprocess.run([sys.executable, "-c", CHILD_COMMAND, request], capture_output=True, text=True,
+                               env=environment, check=False)
+    except OSError as error:
+        log.warning("auto depthwise conv: cannot start a child process (%s); measuring in this one", error)
+        return
+    try:
+        measured = json.loads(child.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        measured = None
+    if child.returncode != 0 or measured is None:
+        last_words = (child.stderr.strip().splitlines() or ["no message"])[-1]
+        log.warning("auto depthwise conv: measuring in a child process failed (exit status %d: %s); measuring in "
+                    "this one", child.returncode, last_words)
+        return
+    for entry in measured:
+        stored_verdicts(entry["isa"])[entry["key"]] = entry["impl"]
+        log_verdict(entry["isa"], entry["key"], entry["impl"],
+                    "measured now, in a child process: " + describe_seconds(entry["seconds"]))
+
+
+def child_process_main(request):
+    """The child of `measure_in_child_process`: measure and store each shape, then print what it found as the last
+    line of its output (a JSON list), which the parent reads even when the verdict file cannot be written."""
+    request = json.loads(request)
+    device.apply_device_target(request["device_target"])
+    measured = []
+    for shape, isa in request["shapes"]:
+        impl, seconds = measure(tuple(shape), isa)
+        store_verdict(isa, shape_key(*shape), impl, seconds)
+        measured.append({"isa": isa, "key": shape_key(*shape), "impl": impl, "seconds": seconds})
+    print(json.dumps(measured), flush=True)
 
 
 class DepthwiseConv(nn.Conv2d):

@@ -227,6 +227,11 @@ def fake_timings(monkeypatch, seconds):
     return timed
 
 
+def measure_in_this_process(monkeypatch):
+    """decide_for measures here, where the fake timings are, instead of in a child process."""
+    monkeypatch.setattr(dwconv, "measure_in_child_process", lambda undecided: None)
+
+
 def forget_this_process(monkeypatch):
     monkeypatch.setattr(dwconv, "_verdicts", {})
     monkeypatch.setattr(dwconv, "_logged", set())
@@ -314,6 +319,7 @@ def test_decide_for_finds_each_conv_input_shape_and_construct_follows_the_verdic
                 ("native", "forward_backward"): 0.01}[(impl, mode)]
 
     monkeypatch.setattr(dwconv, "time_conv", time_conv)
+    measure_in_this_process(monkeypatch)
     verdicts = dwconv.decide_for(net, (3, 4, 8, 8))
     assert verdicts == {dwconv.shape_key(3, 4, 8, 8, 5): "direct", native_at: "native"}
     assert net.training and net.large.training
@@ -323,6 +329,35 @@ def test_decide_for_finds_each_conv_input_shape_and_construct_follows_the_verdic
 
     net.small.direct = fail
     net(random_tensor(np.random.default_rng(5), (3, 4, 8, 8)))  # large: direct; small: native
+
+
+def test_decide_for_measures_in_a_child_process_and_keeps_its_verdicts(verdict_cache, monkeypatch, caplog):
+    def fail(*_):
+        raise AssertionError("measured in the training process")
+
+    monkeypatch.setattr(dwconv, "time_conv", fail)
+    net = TwoConvs()
+    with caplog.at_level(logging.INFO, logger="replknet_fn.dwconv"):
+        verdicts = dwconv.decide_for(net, (3, 4, 8, 8))
+    keys = [dwconv.shape_key(3, 4, 8, 8, 5), dwconv.shape_key(3, 4, 4, 4, 3)]
+    assert sorted(verdicts) == sorted(keys) and set(verdicts.values()) <= {"direct", "native"}
+    (stored,) = verdict_cache.glob("dwconv_auto-*.json")
+    on_disk = json.loads(stored.read_text())["verdicts"]
+    assert {key: on_disk[key]["impl"] for key in keys} == verdicts
+    for key in keys:
+        (record,) = [record for record in caplog.records if key in record.getMessage()]
+        assert "measured now, in a child process: direct_forward_backward" in record.getMessage()
+
+
+def test_when_the_child_process_fails_decide_for_measures_here_and_says_why(verdict_cache, monkeypatch, caplog):
+    monkeypatch.setattr(dwconv, "CHILD_COMMAND", "import sys; sys.exit('no measuring today')")
+    timed = fake_timings(monkeypatch, {("direct", "forward_backward"): 0.05, ("native", "forward"): 0.6})
+    with caplog.at_level(logging.INFO, logger="replknet_fn.dwconv"):
+        verdicts = dwconv.decide_for(TwoConvs(), (3, 4, 8, 8))
+    assert set(verdicts.values()) == {"direct"} and len(timed) == 4
+    (warning,) = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert "exit status 1: no measuring today" in warning.getMessage()
+    assert "measuring in this one" in warning.getMessage()
 
 
 def flatten(result):
@@ -382,6 +417,7 @@ def test_auto_decides_stride_2_convs_apart_from_stride_1(verdict_cache, monkeypa
         return {("direct", "forward_backward"): 0.05, ("native", "forward"): 0.6}[(impl, mode)]
 
     monkeypatch.setattr(dwconv, "time_conv", time_conv)
+    measure_in_this_process(monkeypatch)
     verdicts = dwconv.decide_for(net, (2, 4, 8, 8))
     assert set(verdicts) == {"B2C4_8x8_K3_S2", "B2C4_4x4_K3"}
     assert (2, 4, 8, 8, 3, 2) in shapes
