@@ -19,6 +19,7 @@ in the training process's memory. Verdicts are kept on disk per machine and kern
 logged once per shape; construct reads them while it is traced. A shape nobody decided runs direct for K >= 3
 and native for K = 1 (`direct_when_undecided`).
 """
+import contextlib
 import hashlib
 import json
 import logging
@@ -135,12 +136,17 @@ def verdict_file(isa):
 def stored_verdicts(isa):
     """{shape key: impl} known for this machine and kernel build: from memory, else from its verdict file."""
     if isa not in _verdicts:
-        try:
-            _verdicts[isa] = {key: entry["impl"] for key, entry in
-                              json.loads(verdict_file(isa).read_text())["verdicts"].items()}
-        except (OSError, ValueError, KeyError, TypeError):
-            _verdicts[isa] = {}
+        _verdicts[isa] = {key: entry["impl"] for key, entry in verdict_file_entries(isa).items()}
     return _verdicts[isa]
+
+
+def verdict_file_entries(isa):
+    """{shape key: {"impl": ..., "seconds": {...}}} in the verdict file of `isa` ({} without a readable one)."""
+    try:
+        entries = json.loads(verdict_file(isa).read_text())["verdicts"]
+        return {key: entry for key, entry in entries.items() if entry["impl"] in ("direct", "native")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def store_verdict(isa, key, impl, seconds):
@@ -355,31 +361,76 @@ def measure_in_child_process(undecided):
         log.warning("auto depthwise conv: cannot start a child process (%s); measuring in this one", error)
         return
     try:
-        measured = json.loads(child.stdout.strip().splitlines()[-1])
+        report = json.loads(child.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        measured = None
-    if child.returncode != 0 or measured is None:
+        report = None
+    if child.returncode != 0 or not isinstance(report, dict):
         last_words = (child.stderr.strip().splitlines() or ["no message"])[-1]
         log.warning("auto depthwise conv: measuring in a child process failed (exit status %d: %s); measuring in "
                     "this one", child.returncode, last_words)
         return
-    for entry in measured:
+    for warning in report["warnings"]:
+        log.warning("auto depthwise conv, in its child process: %s", warning)
+    for entry in report["verdicts"]:
         stored_verdicts(entry["isa"])[entry["key"]] = entry["impl"]
-        log_verdict(entry["isa"], entry["key"], entry["impl"],
-                    "measured now, in a child process: " + describe_seconds(entry["seconds"]))
+        log_verdict(entry["isa"], entry["key"], entry["impl"], f"{entry['how']}: {describe_seconds(entry['seconds'])}")
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
 
 
 def child_process_main(request):
-    """The child of `measure_in_child_process`: measure and store each shape, then print what it found as the last
-    line of its output (a JSON list), which the parent reads even when the verdict file cannot be written."""
+    """The child of `measure_in_child_process`: measure and store each shape, then print what it found and the
+    warnings it logged as the last line of its output (JSON), which the parent reads even when the verdict file
+    cannot be written. One measuring process at a time per cache directory (`measuring_lock`): the ranks of a
+    data-parallel run on one machine would otherwise time their convs on shared cores at once, and could decide
+    differently; the ones that waited find the verdicts stored."""
     request = json.loads(request)
     device.apply_device_target(request["device_target"])
-    measured = []
-    for shape, isa in request["shapes"]:
-        impl, seconds = measure(tuple(shape), isa)
-        store_verdict(isa, shape_key(*shape), impl, seconds)
-        measured.append({"isa": isa, "key": shape_key(*shape), "impl": impl, "seconds": seconds})
-    print(json.dumps(measured), flush=True)
+    warnings, verdicts = _Warnings(), []
+    log.addHandler(warnings)
+    try:
+        with measuring_lock():
+            _verdicts.clear()  # what other processes stored while this one waited
+            for shape, isa in request["shapes"]:
+                key = shape_key(*shape)
+                entry = verdict_file_entries(isa).get(key)
+                if entry is not None:
+                    impl, seconds, how = entry["impl"], entry["seconds"], "measured meanwhile by another process"
+                else:
+                    impl, seconds = measure(tuple(shape), isa)
+                    store_verdict(isa, key, impl, seconds)
+                    how = "measured now, in a child process"
+                verdicts.append({"isa": isa, "key": key, "impl": impl, "seconds": seconds, "how": how})
+    finally:
+        log.removeHandler(warnings)
+    print(json.dumps({"verdicts": verdicts, "warnings": warnings.messages}), flush=True)
+
+
+@contextlib.contextmanager
+def measuring_lock():
+    """An exclusive lock on `dwconv_auto.lock` in the kernel cache, held while this process measures (none where
+    the directory cannot be written or the OS has no fcntl: then processes may measure at once, as before)."""
+    try:
+        import fcntl
+        path = kernels.cache_dir() / "dwconv_auto.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class DepthwiseConv(nn.Conv2d):

@@ -5,6 +5,8 @@ import ctypes
 import json
 import logging
 import os
+import threading
+import time
 
 import mindspore as ms
 import numpy as np
@@ -358,6 +360,48 @@ def test_when_the_child_process_fails_decide_for_measures_here_and_says_why(verd
     (warning,) = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert "exit status 1: no measuring today" in warning.getMessage()
     assert "measuring in this one" in warning.getMessage()
+
+
+def test_measuring_processes_take_turns_and_a_waiting_one_uses_what_the_other_stored(verdict_cache, monkeypatch,
+                                                                                       capsys):
+    # The ranks of a data-parallel run on one machine each start a child; the lock makes them measure in turn, so
+    # none times its convs on cores another one is timing on, and the later ones reuse the first one's verdicts.
+    isa = ISA_LEVELS[0]
+    stored_by_the_other, measured_here = (2, 4, 8, 8, 5), (2, 4, 8, 8, 7)
+    timed = fake_timings(monkeypatch, {("direct", "forward_backward"): 0.05, ("native", "forward"): 0.6})
+    request = json.dumps({"device_target": "CPU", "shapes": [[list(stored_by_the_other), isa],
+                                                             [list(measured_here), isa]]})
+    with dwconv.measuring_lock():
+        child = threading.Thread(target=dwconv.child_process_main, args=(request,))
+        child.start()
+        time.sleep(0.5)  # without the lock, the child would measure both shapes now
+        dwconv.store_verdict(isa, dwconv.shape_key(*stored_by_the_other), "native", {"native_forward": 0.001})
+    child.join()
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(entry["impl"], entry["how"]) for entry in report["verdicts"]] == [
+        ("native", "measured meanwhile by another process"), ("direct", "measured now, in a child process")]
+    assert len(timed) == 2  # measured_here's direct forward+backward and native forward
+
+
+def test_the_child_process_s_warnings_reach_the_training_log(verdict_cache, monkeypatch, caplog):
+    report = {"verdicts": [{"isa": ISA_LEVELS[0], "key": dwconv.shape_key(*SHAPE), "impl": "direct",
+                            "seconds": {"direct_forward_backward": 0.05}, "how": "measured now, in a child process"}],
+              "warnings": ["cannot write /nowhere/dwconv_auto.json (read-only)"]}
+    monkeypatch.setattr(dwconv, "CHILD_COMMAND", f"print({json.dumps(json.dumps(report))})")
+    with caplog.at_level(logging.INFO, logger="replknet_fn.dwconv"):
+        dwconv.measure_in_child_process([(SHAPE, ISA_LEVELS[0])])
+    assert dwconv.stored_verdicts(ISA_LEVELS[0])[dwconv.shape_key(*SHAPE)] == "direct"
+    (warning,) = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert "in its child process: cannot write /nowhere/dwconv_auto.json" in warning.getMessage()
+
+
+def test_the_child_process_reports_what_it_logged_as_warnings(verdict_cache, monkeypatch, capsys):
+    fake_timings(monkeypatch, {("direct", "forward_backward"): 0.05, ("native", "forward"): 0.6})
+    monkeypatch.setattr(dwconv, "store_verdict", lambda *_: dwconv.log.warning("cannot write the verdict file"))
+    dwconv.child_process_main(json.dumps({"device_target": "CPU", "shapes": [[list(SHAPE), ISA_LEVELS[0]]]}))
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["warnings"] == ["cannot write the verdict file"]
+    assert report["verdicts"][0]["impl"] == "direct"
 
 
 def flatten(result):
