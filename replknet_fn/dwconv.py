@@ -339,8 +339,10 @@ def decide_for(net, input_shape):
 
 # --- measuring in a child process --------------------------------------------------------------------------------
 
+# The child imports this very package (first on its path), whatever the current directory holds.
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
-CHILD_COMMAND = "import sys; from replknet_fn import dwconv; dwconv.child_process_main(sys.argv[1])"
+CHILD_COMMAND = ("import sys; sys.path.insert(0, sys.argv[2]); from replknet_fn import dwconv; "
+                 "dwconv.child_process_main(sys.argv[1])")
 
 
 def measure_in_child_process(undecided):
@@ -352,11 +354,9 @@ def measure_in_child_process(undecided):
              len(undecided))
     request = json.dumps({"device_target": device.current_target(),
                           "shapes": [[list(shape), isa] for shape, isa in undecided]})
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [PACKAGE_PARENT,
-                                                                              os.environ.get("PYTHONPATH")])))
     try:
-        child = subprocess.run([sys.executable, "-c", CHILD_COMMAND, request], capture_output=True, text=True,
-                               env=environment, check=False)
+        child = subprocess.run([sys.executable, "-c", CHILD_COMMAND, request, PACKAGE_PARENT], capture_output=True,
+                               text=True, check=False)
     except OSError as error:
         log.warning("auto depthwise conv: cannot start a child process (%s); measuring in this one", error)
         return

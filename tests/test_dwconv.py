@@ -338,6 +338,11 @@ def test_decide_for_measures_in_a_child_process_and_keeps_its_verdicts(verdict_c
         raise AssertionError("measured in the training process")
 
     monkeypatch.setattr(dwconv, "time_conv", fail)
+    # The child imports this package, not whatever the current directory holds under the same name.
+    decoy = verdict_cache / "cwd" / "replknet_fn"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('a decoy package')\n")
+    monkeypatch.chdir(decoy.parent)
     net = TwoConvs()
     with caplog.at_level(logging.INFO, logger="replknet_fn.dwconv"):
         verdicts = dwconv.decide_for(net, (3, 4, 8, 8))
