@@ -23,10 +23,10 @@ STEPS = 3                 # k: crosses an epoch boundary (2 steps per epoch), so
 BATCH_PER_RANK = 4        # B; the single process takes 2B
 FAILURE_BOUND_SECONDS = 60  # measured ~31 s: MindSpore SIGTERMs the other ranks ~30 s after one stops answering
 
-# One conv implementation for both sides: `auto` measures per input shape and per process (the ranks' batch B and
-# the single process's 2B are different shapes; the two ranks measure at the same time on shared cores), so the
-# sides could run different implementations and compare two roundings (measured: 1.34e-5 with auto after its
-# verdicts were re-measured, < 1e-5 with direct or native pinned). The user's path, auto and data workers
+# One conv implementation for both sides: `auto` decides per input shape (the ranks' batch B and the single
+# process's 2B are different shapes, measured apart), so the sides could run different implementations and compare
+# two roundings (measured: 1.34e-5 with auto after its verdicts were re-measured, < 1e-5 with direct or native
+# pinned). The user's path, auto and data workers
 # included, is tests/test_dist_user_path.py.
 EXACT_DATA = ["--model", "replknet_tiny", "--image_resize", "32", "--num_parallel_workers", "0",
               "--tensorboard", "False", "--auto_augment", "", "--color_jitter", "0", "--re_prob", "0",
