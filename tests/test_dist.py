@@ -26,8 +26,7 @@ FAILURE_BOUND_SECONDS = 60  # measured ~31 s: MindSpore SIGTERMs the other ranks
 # One conv implementation for both sides: `auto` decides per input shape (the ranks' batch B and the single
 # process's 2B are different shapes, measured apart), so the sides could run different implementations and compare
 # two roundings (measured: 1.34e-5 with auto after its verdicts were re-measured, < 1e-5 with direct or native
-# pinned). The user's path, auto and data workers
-# included, is tests/test_dist_user_path.py.
+# pinned). The user's path, auto and data workers included, is tests/test_dist_user_path.py.
 EXACT_DATA = ["--model", "replknet_tiny", "--image_resize", "32", "--num_parallel_workers", "0",
               "--tensorboard", "False", "--auto_augment", "", "--color_jitter", "0", "--re_prob", "0",
               "--mixup", "0", "--cutmix", "0", "--label_smoothing", "0", "--drop_path_rate", "0", "--hflip", "0",
