@@ -398,9 +398,10 @@ def child_process_main(request):
     try:
         with measuring_lock():
             _verdicts.clear()  # what other processes stored while this one waited
+            stored = {isa: verdict_file_entries(isa) for _, isa in request["shapes"]}
             for shape, isa in request["shapes"]:
                 key = shape_key(*shape)
-                entry = verdict_file_entries(isa).get(key)
+                entry = stored[isa].get(key)
                 if entry is not None:
                     impl, seconds = entry["impl"], entry.get("seconds", {})
                     how = "measured meanwhile by another process"
