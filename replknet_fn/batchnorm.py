@@ -1,4 +1,5 @@
-"""Training-mode BatchNorm2d (optionally followed by ReLU) as compiled one-op kernels (`csrc/batchnorm.cc`).
+"""Training-mode BatchNorm2d (optionally followed by ReLU or exact GELU) as compiled one-op kernels
+(`csrc/batchnorm.cc`).
 
 MindSpore 2.8's CPU BatchNorm and BatchNormGrad run at 4.6-11.6 ns per element forward+backward, these kernels at
 2.0-3.3 (Zen 3, AVX2; BENCHMARKS.md): on the demo MindSpore's were 30 ms of ~80 ms of op time per step.
@@ -43,17 +44,25 @@ class TrainForward(ops.Custom):
         self.add_prim_attr("side_effect_mem", True)
 
 
-def make_op(isa, relu):
+def make_op(isa, activation):
+    """The training BN op followed by `activation` (None, "relu" or "gelu") in the same kernel, with its gradient
+    kernel; None without a library. What the gradient reads: x and the batch statistics, with ReLU its output (the
+    mask), with GELU beta (to recompute the normalized x, where GELU's slope is taken)."""
     path = library(isa)
     if path is None:
         return None
-    suffix = "relu_" if relu else ""
+    suffix = f"{activation}_" if activation else ""
     backward = ops.Custom(f"{path}:batch_norm_{suffix}backward", tensor_and_two_per_channel_shapes, three_dtypes,
                           func_type="aot")
 
     def bprop(x, gamma, beta, moving_mean, moving_variance, hyper, out, dout):
         y, mean, invstd = out
-        saved = (x, gamma, mean, invstd, y) if relu else (x, gamma, mean, invstd)
+        if activation == "relu":
+            saved = (x, gamma, mean, invstd, y)
+        elif activation == "gelu":
+            saved = (x, gamma, beta, mean, invstd)
+        else:
+            saved = (x, gamma, mean, invstd)
         dx, dgamma, dbeta = backward(*saved, dout[0])
         return (dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_variance),
                 ops.zeros_like(hyper))
@@ -64,24 +73,32 @@ def make_op(isa, relu):
 @kernels.per_isa_level
 def batch_norm_op(isa):
     """The training BatchNorm op (see TrainForward) with its gradient kernel; None without a library."""
-    return make_op(isa, relu=False)
+    return make_op(isa, None)
 
 
 @kernels.per_isa_level
 def batch_norm_relu_op(isa):
     """batch_norm_op followed by ReLU, in the same pass; None without a library."""
-    return make_op(isa, relu=True)
+    return make_op(isa, "relu")
+
+
+@kernels.per_isa_level
+def batch_norm_gelu_op(isa):
+    """batch_norm_op followed by exact GELU (gelu.h, as pointwise.gelu_op), in the same pass; None without a
+    library."""
+    return make_op(isa, "gelu")
 
 
 class BatchNorm2d(nn.BatchNorm2d):
     """nn.BatchNorm2d whose training forward on float32 NCHW input is one compiled kernel (and its gradient one
-    more). `forward_relu(x)` is relu(self(x)), fused in training."""
+    more). `forward_relu(x)` is relu(self(x)) and `forward_gelu(x, gelu)` gelu(self(x)), each fused in training."""
 
     def __init__(self, channels, eps, momentum):
         super().__init__(channels, eps=eps, momentum=momentum)
         kernels_on = device.cpu_kernels_enabled()
         self.kernel = batch_norm_op() if kernels_on else None
         self.relu_kernel = batch_norm_relu_op() if kernels_on else None
+        self.gelu_kernel = batch_norm_gelu_op() if kernels_on else None
         self.hyper = Tensor([eps, momentum], ms.float32)
 
     def batch_statistics(self):
@@ -100,3 +117,10 @@ class BatchNorm2d(nn.BatchNorm2d):
         if self.by_kernel(x):
             return self.relu_kernel(x, self.gamma, self.beta, self.moving_mean, self.moving_variance, self.hyper)[0]
         return ops.relu(super().construct(x))
+
+    def forward_gelu(self, x, gelu):
+        """gelu(self(x)) for the model's exact-GELU cell `gelu`: one kernel in training where `gelu` runs the GELU
+        kernel too (not where it keeps MindSpore's ops: impl "native", deploy export)."""
+        if self.by_kernel(x) and gelu.kernel is not None:
+            return self.gelu_kernel(x, self.gamma, self.beta, self.moving_mean, self.moving_variance, self.hyper)[0]
+        return gelu(super().construct(x))

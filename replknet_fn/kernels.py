@@ -137,10 +137,11 @@ def compiled_library(source, isa, fallback):
     """Path of the library compiled from `source` (a file in csrc/) for ISA level `isa`, built on first use, or
     None (after one warning that ends with `fallback`) if it cannot be.
 
-    The file name is a hash of the source, the compiler, its flags (the ISA level's among them) and the CPU, so an
-    edit, another compiler, level or machine sharing the cache gets its own build. The build writes a temporary
-    file and renames it, so processes building at the same time never load a half-written library; within a process
-    a second caller waits for a build under way (`build_in_background`) instead of starting another."""
+    The file name is a hash of the source (and the headers beside it), the compiler, its flags (the ISA level's among
+    them) and the CPU, so an edit, another compiler, level or machine sharing the cache gets its own build. The build
+    writes a temporary file and renames it, so processes building at the same time never load a half-written
+    library; within a process a second caller waits for a build under way (`build_in_background`) instead of starting
+    another."""
     with _build_lock(source, isa):
         library, problem = _build(source, isa)
     if problem:
@@ -158,6 +159,12 @@ def _build_lock(source, isa):
         return _build_locks.setdefault((Path(source), isa), threading.Lock())
 
 
+def source_texts(source):
+    """The text of `source` and of every header beside it (what its `#include "..."` lines can reach): an edit to a
+    shared header (gelu.h) must rebuild each library that includes it."""
+    return [source.read_text(), *(header.read_text() for header in sorted(source.parent.glob("*.h")))]
+
+
 def _build(source, isa):
     """(library path or None, None or what went wrong as the text before and after the fallback's words):
     compiled_library's work, without its warning."""
@@ -167,7 +174,7 @@ def _build(source, isa):
         return None, (f"no C++ compiler found ({' or '.join(names)}; set CXX or install g++): ", "")
     flags = compile_flags(isa)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([source.read_text(), compiler, version, " ".join(flags),
+    key = hashlib.sha256("\n".join([*source_texts(source), compiler, version, " ".join(flags),
                                     cpu_description()]).encode()).hexdigest()[:16]
     library = cache_dir() / f"{source.stem}-{isa}-{key}.so"
     if library.exists():

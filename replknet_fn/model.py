@@ -44,6 +44,13 @@ class ConvBN(nn.Cell):
         x = self.bn(x)
         return ops.relu(x) if self.relu else x
 
+    def forward_gelu(self, x, gelu):
+        """gelu(self(x)) for a GELU cell: BN and GELU one kernel in training (batchnorm.py)."""
+        x = self.conv(x)
+        if isinstance(self.bn, batchnorm.BatchNorm2d):
+            return self.bn.forward_gelu(x, gelu)
+        return gelu(self.bn(x))
+
 
 def conv_bn(in_channels, out_channels, kernel_size, stride=1, groups=1):
     return ConvBN(conv2d(in_channels, out_channels, kernel_size, stride, groups), out_channels, relu=False)
@@ -193,8 +200,7 @@ class ConvFFN(nn.Cell):
 
     def construct(self, x):
         out = self.preffn_bn(x)
-        out = self.pw1(out)
-        out = self.nonlinear(out)
+        out = self.pw1.forward_gelu(out, self.nonlinear)
         out = self.pw2(out)
         return x + self.drop_path(out)
 

@@ -76,6 +76,10 @@ class ConvBias(nn.Cell):
             x = self.relu(x)
         return x
 
+    def forward_gelu(self, x, gelu):
+        """gelu(self(x)): ConvFFN calls its pw1 so (ConvBN.forward_gelu)."""
+        return gelu(self(x))
+
 
 def deploy_large_kernel(large_kernel, large_kernel_impl):
     kernel, bias = merge_large_kernel(large_kernel)

@@ -3,9 +3,13 @@
 //       y = (x - mean) invstd gamma + beta over each channel's N x H x W values, invstd = 1 / sqrt(var + eps) with
 //       the biased batch variance; moving_mean and moving_var are updated in place as torch.nn.BatchNorm2d does
 //       (moving = momentum moving + (1 - momentum) batch, the variance unbiased), hyper = [eps, momentum] (the
-//       MindSpore momentum: 0.9 is PyTorch's 0.1). With `_relu`, y = max(y, 0) (conv-BN-ReLU in one pass).
+//       MindSpore momentum: 0.9 is PyTorch's 0.1). With `_relu`, y = max(y, 0) (conv-BN-ReLU in one pass); with
+//       `_gelu`, y = gelu(y), the exact GELU of gelu.h (ConvFFN's conv-BN-GELU).
 //   batch_norm_backward  (x, gamma, mean, invstd, dy) -> (dx, dgamma, dbeta)
 //   batch_norm_relu_backward (x, gamma, mean, invstd, y, dy) -> (dx, dgamma, dbeta), dy masked by y > 0
+//   batch_norm_gelu_backward (x, gamma, beta, mean, invstd, dy) -> (dx, dgamma, dbeta), dy times GELU's slope at
+//       the normalized x, recomputed from x: training keeps no copy of the normalized tensor for GELU's gradient
+//       (RepLKNet-31B at batch 4: ~0.2 GB of its peak memory, four times the channels in every ConvFFN).
 //
 // Why: MindSpore 2.8's CPU BatchNorm and BatchNormGrad took 4.6-11.6 ns per element forward+backward (Zen 3), 30 ms
 // of the demo's ~80 ms of op time per step; these take 2.0-3.3 ns (BENCHMARKS.md). Per channel, one pass sums, a second
@@ -21,6 +25,8 @@
 #include <cstring>
 #include <vector>
 
+#include "gelu.h"
+
 #ifndef REPLKNET_LANES
 #define REPLKNET_LANES 4
 #endif
@@ -28,6 +34,16 @@
 namespace {
 
 constexpr int kLanes = REPLKNET_LANES;
+
+// What follows the normalization in the same pass.
+enum class Activation { kNone, kRelu, kGelu };
+
+template <Activation kActivation>
+inline float activate(float v) {
+  if (kActivation == Activation::kRelu) return v > 0.0f ? v : 0.0f;
+  if (kActivation == Activation::kGelu) return gelu(v);
+  return v;
+}
 
 bool all_float32(int nparam, const char **dtypes) {
   for (int i = 0; i < nparam; ++i) {
@@ -90,7 +106,7 @@ bool nchw(int ndims, const int64_t *shape, Layout *layout) {
   return layout->count() > 1;
 }
 
-template <bool kRelu>
+template <Activation kActivation>
 int forward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   Layout s;
   if (nparam != 9 || !all_float32(nparam, dtypes) || !nchw(ndims[0], shapes[0], &s)) return 1;
@@ -130,10 +146,7 @@ int forward(int nparam, void **params, int *ndims, int64_t **shapes, const char 
     for (int64_t n = 0; n < s.batch; ++n) {
       const float *p = x + n * s.image();
       float *q = y + n * s.image();
-      for (int64_t e = 0; e < s.image(); ++e) {
-        const float v = p[e] * scale[e] + shift[e];
-        q[e] = kRelu ? (v > 0.0f ? v : 0.0f) : v;
-      }
+      for (int64_t e = 0; e < s.image(); ++e) q[e] = activate<kActivation>(p[e] * scale[e] + shift[e]);
     }
     return 0;
   }
@@ -154,32 +167,45 @@ int forward(int nparam, void **params, int *ndims, int64_t **shapes, const char 
     for (int64_t n = 0; n < s.batch; ++n) {
       const float *p = x + s.offset(n, c);
       float *q = y + s.offset(n, c);
-      for (int64_t i = 0; i < s.plane; ++i) {
-        const float v = p[i] * scale + shift;
-        q[i] = kRelu ? (v > 0.0f ? v : 0.0f) : v;
-      }
+      for (int64_t i = 0; i < s.plane; ++i) q[i] = activate<kActivation>(p[i] * scale + shift);
     }
   }
   return 0;
 }
 
 // dbeta = sum dy', dgamma = invstd sum dy' (x - mean), dx = gamma invstd (dy' - dbeta / M - xhat dgamma / M) with
-// xhat = (x - mean) invstd, M = N H W, and dy' = dy (masked by y > 0 after a fused ReLU).
-template <bool kRelu>
+// xhat = (x - mean) invstd, M = N H W, and dy' = dy (masked by y > 0 after a fused ReLU; after a fused GELU, times
+// its slope at gamma xhat + beta, written to dx first and finished there in place).
+template <Activation kActivation>
 int backward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  constexpr bool kRelu = kActivation == Activation::kRelu, kGelu = kActivation == Activation::kGelu;
   Layout s;
-  const int inputs = kRelu ? 6 : 5;
+  const int inputs = kActivation == Activation::kNone ? 5 : 6;
   if (nparam != inputs + 3 || !all_float32(nparam, dtypes) || !nchw(ndims[0], shapes[0], &s)) return 1;
+  const int statistics = kGelu ? 3 : 2;  // after beta, with GELU
   const float *x = static_cast<const float *>(params[0]);
   const float *gamma = static_cast<const float *>(params[1]);
-  const float *mean = static_cast<const float *>(params[2]);
-  const float *invstd = static_cast<const float *>(params[3]);
+  const float *beta = kGelu ? static_cast<const float *>(params[2]) : nullptr;
+  const float *mean = static_cast<const float *>(params[statistics]);
+  const float *invstd = static_cast<const float *>(params[statistics + 1]);
   const float *y = kRelu ? static_cast<const float *>(params[4]) : nullptr;
   const float *dy = static_cast<const float *>(params[inputs - 1]);
   float *dx = static_cast<float *>(params[inputs]);
   float *dgamma = static_cast<float *>(params[inputs + 1]);
   float *dbeta = static_cast<float *>(params[inputs + 2]);
   const double count = static_cast<double>(s.count());
+  if (kGelu) {
+    for (int64_t n = 0; n < s.batch; ++n) {
+      for (int64_t c = 0; c < s.channels; ++c) {
+        // The forward's own scale and shift (statistics() there), so the slope is taken where GELU was.
+        const float scale = gamma[c] * invstd[c], shift = beta[c] - mean[c] * scale;
+        const float *p = x + s.offset(n, c), *g = dy + s.offset(n, c);
+        float *q = dx + s.offset(n, c);
+        for (int64_t i = 0; i < s.plane; ++i) q[i] = g[i] * gelu_slope(p[i] * scale + shift);
+      }
+    }
+    dy = dx;
+  }
   // Channel c's sums of dy' and dy' (x - mean) -> dgamma, dbeta, and dx's factors: dx = k_dy dy' + k_x x + k_0.
   auto factors = [&](int64_t c, double sum_dy, double sum_dy_centered, float *k_dy, float *k_x, float *k_0) {
     const float r = invstd[c];
@@ -251,20 +277,30 @@ int backward(int nparam, void **params, int *ndims, int64_t **shapes, const char
 
 extern "C" int batch_norm_forward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                   void *, void *) {
-  return forward<false>(nparam, params, ndims, shapes, dtypes);
+  return forward<Activation::kNone>(nparam, params, ndims, shapes, dtypes);
 }
 
 extern "C" int batch_norm_relu_forward(int nparam, void **params, int *ndims, int64_t **shapes,
                                        const char **dtypes, void *, void *) {
-  return forward<true>(nparam, params, ndims, shapes, dtypes);
+  return forward<Activation::kRelu>(nparam, params, ndims, shapes, dtypes);
+}
+
+extern "C" int batch_norm_gelu_forward(int nparam, void **params, int *ndims, int64_t **shapes,
+                                       const char **dtypes, void *, void *) {
+  return forward<Activation::kGelu>(nparam, params, ndims, shapes, dtypes);
 }
 
 extern "C" int batch_norm_backward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                    void *, void *) {
-  return backward<false>(nparam, params, ndims, shapes, dtypes);
+  return backward<Activation::kNone>(nparam, params, ndims, shapes, dtypes);
 }
 
 extern "C" int batch_norm_relu_backward(int nparam, void **params, int *ndims, int64_t **shapes,
                                         const char **dtypes, void *, void *) {
-  return backward<true>(nparam, params, ndims, shapes, dtypes);
+  return backward<Activation::kRelu>(nparam, params, ndims, shapes, dtypes);
+}
+
+extern "C" int batch_norm_gelu_backward(int nparam, void **params, int *ndims, int64_t **shapes,
+                                        const char **dtypes, void *, void *) {
+  return backward<Activation::kGelu>(nparam, params, ndims, shapes, dtypes);
 }

@@ -15,7 +15,7 @@
 // Each is one pass over memory, where MindSpore composes exact GELU and its gradient from ~10 primitives (erf, pow,
 // exp, ...), and its ReduceSum and fused AdamWeightDecay kernels run at ~3 and ~5-10 ns per element. Plain loops
 // the compiler vectorizes: erf is Eigen's rational approximation for float (as in TensorFlow and XLA; within
-// 4.3e-7 of erf), exp the Cephes polynomial (within 1-2 ulp). NaN inputs give NaN outputs.
+// 4.3e-7 of erf), exp the Cephes polynomial (within 1-2 ulp), both in gelu.h. NaN inputs give NaN outputs.
 //
 // Single-threaded on purpose. MindSpore runs a step's kernels one after another, so a second thread would halve
 // these kernels' time; but measured on RepLKNet-31B (2 cores), OpenMP threads here made the step 2x slower: after
@@ -28,53 +28,13 @@
 #include <cstdint>
 #include <cstring>
 
+#include "gelu.h"
+
 #ifndef REPLKNET_LANES
 #define REPLKNET_LANES 4
 #endif
 
 namespace {
-
-// erf(x) = x P(x^2) / Q(x^2) on [-4, 4]; beyond, erf(x) rounds to +-1 in float.
-inline float erf_float(float x) {
-  x = x < -4.0f ? -4.0f : (x > 4.0f ? 4.0f : x);
-  const float x2 = x * x;
-  float p = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
-  p = x2 * p - 2.10102402082508e-06f;
-  p = x2 * p - 5.69250639462346e-05f;
-  p = x2 * p - 7.34990630326855e-04f;
-  p = x2 * p - 2.95459980854025e-03f;
-  p = x2 * p - 1.60960333262415e-02f;
-  float q = x2 * -1.45660718464996e-05f - 2.13374055278905e-04f;
-  q = x2 * q - 1.68282697438203e-03f;
-  q = x2 * q - 7.37332916720468e-03f;
-  q = x2 * q - 1.42647390514189e-02f;
-  return x * p / q;
-}
-
-// exp(x) for x <= 0 (all GELU needs): 2^n exp(r), r = x - n ln 2 in [-ln 2 / 2, ln 2 / 2] (ln 2 split in two for
-// an exact product), exp(r) by Cephes' polynomial; below -87 (exp < 1.2e-38) the input is clamped.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-constexpr float kSqrtHalf = 0.70710678118654752f;         // 1 / sqrt(2)
-constexpr float kInvSqrtTwoPi = 0.39894228040143268f;     // 1 / sqrt(2 pi)
-
-// Phi(x) = (1 + erf(x / sqrt 2)) / 2, shared by the forward and the gradient.
-inline float normal_cdf(float x) { return 0.5f * (1.0f + erf_float(x * kSqrtHalf)); }
 
 int64_t element_count(int ndims, const int64_t *shape) {
   int64_t n = 1;
@@ -121,7 +81,7 @@ extern "C" int gelu_forward(int nparam, void **params, int *ndims, int64_t **sha
   const float *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[1]);
   for (int64_t i = 0; i < n; ++i) {
-    y[i] = x[i] * normal_cdf(x[i]);
+    y[i] = gelu(x[i]);
   }
   return 0;
 }
@@ -134,9 +94,7 @@ extern "C" int gelu_backward(int nparam, void **params, int *ndims, int64_t **sh
   const float *dy = static_cast<const float *>(params[1]);
   float *dx = static_cast<float *>(params[2]);
   for (int64_t i = 0; i < n; ++i) {
-    const float cdf = normal_cdf(x[i]);
-    const float pdf = kInvSqrtTwoPi * exp_nonpositive(-0.5f * x[i] * x[i]);
-    dx[i] = dy[i] * (cdf + x[i] * pdf);
+    dx[i] = dy[i] * gelu_slope(x[i]);
   }
   return 0;
 }
