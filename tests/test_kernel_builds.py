@@ -1,4 +1,6 @@
-"""The kernels' libraries built in background threads while the entry scripts import MindSpore."""
+"""Kernel libraries: built in background threads while the entry scripts import MindSpore, and built again when a
+header they include changes."""
+import ctypes
 import threading
 
 from replknet_fn import kernels
@@ -37,3 +39,23 @@ def test_a_background_build_that_cannot_run_stays_quiet_and_the_first_use_warns(
     assert kernels.compiled_library(source, kernels.isa_level(), "slower ops instead") is None
     assert [str(w.message) for w in recwarn] == [
         "no C++ compiler found (no-such-compiler; set CXX or install g++): slower ops instead"]
+
+
+def test_an_edit_to_a_header_beside_the_source_builds_the_library_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPLKNET_FN_CACHE", str(tmp_path / "cache"))
+    sources = tmp_path / "csrc"
+    sources.mkdir()
+    header, source = sources / "shared.h", sources / "probe.cc"
+    source.write_text('#include "shared.h"\nextern "C" int probe() { return answer(); }\n')
+
+    def build_and_call(answer):
+        header.write_text(f"inline int answer() {{ return {answer}; }}\n")
+        kernels.compiled_library.cache_clear()
+        library = kernels.compiled_library(source, kernels.isa_level(), "no fallback needed")
+        return library, ctypes.CDLL(str(library)).probe()
+
+    try:
+        (first, one), (second, two) = build_and_call(1), build_and_call(2)
+    finally:
+        kernels.compiled_library.cache_clear()
+    assert (one, two) == (1, 2) and first != second
