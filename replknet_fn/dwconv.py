@@ -20,6 +20,7 @@ logged once per shape; construct reads them while it is traced. A shape nobody d
 and native for K = 1 (`direct_when_undecided`).
 """
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -45,6 +46,10 @@ SOURCE = kernels.SOURCE_DIR / "dwconv.cc"
 # that one noisy run does not pick the slower one.
 CLOSE_CALL_RATIO = 1.25
 CLOSE_CALL_REPEATS = 5
+# From this many multiply-adds (batch x channels x output pixels x K^2; RepLKNet-31B's K27-K31 convs at batch 4 have
+# 0.3-1.5e9, its other convs under 0.06e9) native's forward is timed on one image before the whole batch: it takes
+# long enough (K31@56x56x128, batch 4: ~0.9 s a run) that a one-image graph's compile pays for itself.
+ONE_IMAGE_FIRST_MULTIPLY_ADDS = 10**8
 
 log = logging.getLogger(__name__)
 
@@ -223,11 +228,20 @@ def wait(result):
         result.asnumpy()
 
 
-def time_conv(impl, mode, shape, isa, repeat=1):
-    """Median seconds of `repeat` runs of one depthwise conv of `impl` at `shape` (batch, channels, height, width,
-    kernel[, stride]), `mode` "forward" or "forward_backward", after one untimed run that compiles it."""
+@functools.lru_cache(maxsize=None)
+def compiled_run(impl, mode, shape, isa):
+    """conv_runs' `mode` callable at `shape`, compiled and run once: a close call times it again without compiling
+    it again. `measure` empties this cache when it is done."""
     run = conv_runs(impl, *shape, isa=isa)[mode]
     wait(run())
+    return run
+
+
+def time_conv(impl, mode, shape, isa, repeat=1):
+    """Median seconds of `repeat` runs of one depthwise conv of `impl` at `shape` (batch, channels, height, width,
+    kernel[, stride]), `mode` "forward" or "forward_backward", after one untimed run that compiles it (once per
+    `measure`)."""
+    run = compiled_run(impl, mode, tuple(shape), isa)
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -256,19 +270,33 @@ def measure(shape, isa):
 
     The native backward is slow where the direct kernel matters (K31@56x56x128, batch 8: ~9 s), so it is timed
     only when needed: direct forward+backward first, then native forward alone, and if that alone is slower,
-    direct wins without timing native's backward."""
-    seconds = {"direct_forward_backward": time_conv("direct", "forward_backward", shape, isa),
-               "native_forward": time_conv("native", "forward", shape, isa)}
-    if seconds["native_forward"] >= seconds["direct_forward_backward"]:
-        return "direct", seconds
-    direct = seconds["direct_forward_backward"]
-    native = seconds["native_forward_backward"] = time_conv("native", "forward_backward", shape, isa)
-    if max(direct, native) < CLOSE_CALL_RATIO * min(direct, native):
-        direct = seconds["direct_forward_backward"] = time_conv("direct", "forward_backward", shape, isa,
-                                                                CLOSE_CALL_REPEATS)
-        native = seconds["native_forward_backward"] = time_conv("native", "forward_backward", shape, isa,
-                                                                CLOSE_CALL_REPEATS)
-    return ("direct" if direct <= native else "native"), seconds
+    direct wins without timing native's backward. For large convs (ONE_IMAGE_FIRST_MULTIPLY_ADDS) native's forward
+    is first timed on one image of the batch: a batch takes at least as long, so if one image's forward is already
+    slower than direct's forward+backward of the batch, direct wins without timing native on the batch."""
+    try:
+        direct = time_conv("direct", "forward_backward", shape, isa)
+        seconds = {"direct_forward_backward": direct}
+        if shape[0] > 1 and multiply_adds(*shape) >= ONE_IMAGE_FIRST_MULTIPLY_ADDS:
+            seconds["native_forward_one_image"] = time_conv("native", "forward", (1, *shape[1:]), isa)
+            if seconds["native_forward_one_image"] >= direct:
+                return "direct", seconds
+        seconds["native_forward"] = time_conv("native", "forward", shape, isa)
+        if seconds["native_forward"] >= direct:
+            return "direct", seconds
+        native = seconds["native_forward_backward"] = time_conv("native", "forward_backward", shape, isa)
+        if max(direct, native) < CLOSE_CALL_RATIO * min(direct, native):
+            direct = seconds["direct_forward_backward"] = time_conv("direct", "forward_backward", shape, isa,
+                                                                    CLOSE_CALL_REPEATS)
+            native = seconds["native_forward_backward"] = time_conv("native", "forward_backward", shape, isa,
+                                                                    CLOSE_CALL_REPEATS)
+        return ("direct" if direct <= native else "native"), seconds
+    finally:
+        compiled_run.cache_clear()  # the graphs compiled for this shape
+
+
+def multiply_adds(batch, channels, height, width, kernel_size, stride=1):
+    """A depthwise conv's multiply-adds, the padding's taps included."""
+    return batch * channels * -(-height // stride) * -(-width // stride) * kernel_size ** 2
 
 
 def describe_seconds(seconds):

@@ -258,6 +258,72 @@ def test_auto_picks_direct_where_its_forward_and_backward_is_faster(verdict_cach
     assert dwconv.decide(SHAPE, ISA_LEVELS[0]) == "direct"
 
 
+LARGE_SHAPE = (4, 128, 56, 56, 31)  # RepLKNet-31B's first stage at batch 4: 1.5e9 multiply-adds
+
+
+def fake_timings_by_batch(monkeypatch, seconds):
+    """As fake_timings, by (impl, mode, batch); returns the list of (impl, mode, batch) timed."""
+    timed = []
+
+    def time_conv(impl, mode, shape, isa, repeat=1):
+        timed.append((impl, mode, shape[0]))
+        return seconds[(impl, mode, shape[0])]
+
+    monkeypatch.setattr(dwconv, "time_conv", time_conv)
+    return timed
+
+
+def test_a_large_conv_where_native_is_slower_on_one_image_is_decided_without_timing_native_on_the_batch(
+        verdict_cache, monkeypatch):
+    timed = fake_timings_by_batch(monkeypatch, {("direct", "forward_backward", 4): 0.05,
+                                                ("native", "forward", 1): 0.25})
+    assert dwconv.multiply_adds(*LARGE_SHAPE) >= dwconv.ONE_IMAGE_FIRST_MULTIPLY_ADDS
+    assert dwconv.decide(LARGE_SHAPE, ISA_LEVELS[0]) == "direct"
+    assert timed == [("direct", "forward_backward", 4), ("native", "forward", 1)]
+
+
+def test_a_large_conv_where_one_image_does_not_decide_is_timed_on_the_batch(verdict_cache, monkeypatch):
+    timed = fake_timings_by_batch(monkeypatch, {("direct", "forward_backward", 4): 0.05,
+                                                ("native", "forward", 1): 0.02, ("native", "forward", 4): 0.03,
+                                                ("native", "forward_backward", 4): 0.2})
+    assert dwconv.decide(LARGE_SHAPE, ISA_LEVELS[0]) == "direct"
+    assert timed == [("direct", "forward_backward", 4), ("native", "forward", 1), ("native", "forward", 4),
+                     ("native", "forward_backward", 4)]
+
+
+def test_a_small_conv_is_timed_on_the_batch_only(verdict_cache, monkeypatch):
+    timed = fake_timings_by_batch(monkeypatch, {("direct", "forward_backward", 2): 0.05,
+                                                ("native", "forward", 2): 0.6})
+    assert dwconv.multiply_adds(*SHAPE) < dwconv.ONE_IMAGE_FIRST_MULTIPLY_ADDS
+    assert dwconv.decide(SHAPE, ISA_LEVELS[0]) == "direct"
+    assert timed == [("direct", "forward_backward", 2), ("native", "forward", 2)]
+
+
+def test_a_close_call_times_again_without_compiling_again(verdict_cache, monkeypatch):
+    made, calls = [], []
+
+    def fake_conv_runs(impl, *shape, isa=None):  # graphs that take as long as a close call's
+        made.append(impl)
+
+        def run(mode, seconds):
+            def call():
+                calls.append((impl, mode))
+                time.sleep(seconds)
+                return ms.Tensor(0.0)
+            return call
+
+        return {"forward": run("forward", 0.001), "forward_backward": run("forward_backward", 0.004)}
+
+    monkeypatch.setattr(dwconv, "conv_runs", fake_conv_runs)
+    monkeypatch.setattr(dwconv, "CLOSE_CALL_RATIO", float("inf"))  # a close call whatever the sleeps' jitter
+    _, seconds = dwconv.measure(SHAPE, ISA_LEVELS[0])
+    assert set(seconds) == {"direct_forward_backward", "native_forward", "native_forward_backward"}
+    assert sorted(made) == ["direct", "native", "native"]  # one graph each: direct f+b, native forward, native f+b
+    # compiling run, one timed run, then CLOSE_CALL_REPEATS more
+    assert calls.count(("direct", "forward_backward")) == calls.count(("native", "forward_backward")) == 7
+    assert dwconv.compiled_run.cache_info().currsize == 0  # the graphs go with the measuring
+
+
 def test_a_close_call_is_timed_again_before_auto_picks(verdict_cache, monkeypatch):
     timed = fake_timings(monkeypatch, {("direct", "forward_backward"): 0.050, ("native", "forward"): 0.02,
                                        ("native", "forward_backward"): 0.045})
