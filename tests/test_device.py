@@ -59,7 +59,8 @@ def test_on_cpu_the_recipe_config_trains_in_fp32_with_the_compiled_kernels(tiny_
     config = resolved_config(tmp_path)
     assert (config["device_target"], config["amp_level"]) == ("CPU", "O0")
     assert {"dwconv_forward", "dwconv_input_grad", "dwconv_weight_grad", "batch_norm_relu_forward",
-            "batch_norm_gelu_forward", "batch_norm_gelu_backward", "squared_sum", "adamw_update"} <= set(custom_op_calls)
+            "batch_norm_gelu_forward", "batch_norm_gelu_backward", "squared_sum",
+            "adamw_update"} <= set(custom_op_calls)
 
 
 @pytest.mark.parametrize("target", ["Ascend", "GPU"])
