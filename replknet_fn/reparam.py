@@ -78,7 +78,7 @@ class ConvBias(nn.Cell):
 
     def forward_gelu(self, x, gelu):
         """gelu(self(x)): ConvFFN calls its pw1 so (ConvBN.forward_gelu)."""
-        return gelu(self(x))
+        return gelu(self.construct(x))
 
 
 def deploy_large_kernel(large_kernel, large_kernel_impl):
