@@ -173,8 +173,9 @@ class GELU(nn.Cell):
 
     float32 runs the one-pass kernels of `pointwise.py` (forward and gradient ~3-7x faster than MindSpore's
     erf-based nn.GELU(approximate=False), which composes ~10 primitives; within 1.5e-6 of the exact value on
-    [-10, 10], MindSpore's within 4.5e-7); other dtypes, without a C++ compiler, or with impl "native" (what deploy
-    export builds: a MindIR file cannot hold the compiled kernel) use MindSpore's."""
+    [-10, 10], MindSpore's within 4.5e-7), and in training ConvFFN runs the same GELU inside its BN kernel
+    (batchnorm.py); other dtypes, without a C++ compiler, or with impl "native" (what deploy export builds: a MindIR
+    file cannot hold the compiled kernel) use MindSpore's."""
 
     def __init__(self, impl="auto"):
         super().__init__()
@@ -188,7 +189,8 @@ class GELU(nn.Cell):
 
 
 class ConvFFN(nn.Cell):
-    """pre-BN -> 1x1 conv-BN (expand) -> exact GELU -> 1x1 conv-BN -> drop path -> residual."""
+    """pre-BN -> 1x1 conv-BN (expand) -> exact GELU -> 1x1 conv-BN -> drop path -> residual; in training the
+    expand's BN and the GELU are one kernel (ConvBN.forward_gelu)."""
 
     def __init__(self, channels, internal_channels, drop_path_rate, index=0, impl="auto"):
         super().__init__()

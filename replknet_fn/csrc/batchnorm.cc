@@ -9,7 +9,7 @@
 //   batch_norm_relu_backward (x, gamma, mean, invstd, y, dy) -> (dx, dgamma, dbeta), dy masked by y > 0
 //   batch_norm_gelu_backward (x, gamma, beta, mean, invstd, dy) -> (dx, dgamma, dbeta), dy times GELU's slope at
 //       the normalized x, recomputed from x: training keeps no copy of the normalized tensor for GELU's gradient
-//       (RepLKNet-31B at batch 4: ~0.2 GB of its peak memory, four times the channels in every ConvFFN).
+//       (four times the channels in every ConvFFN; RepLKNet-31B at batch 4 peaks ~0.17 GB lower, BENCHMARKS.md).
 //
 // Why: MindSpore 2.8's CPU BatchNorm and BatchNormGrad took 4.6-11.6 ns per element forward+backward (Zen 3), 30 ms
 // of the demo's ~80 ms of op time per step; these take 2.0-3.3 ns (BENCHMARKS.md). Per channel, one pass sums, a second
