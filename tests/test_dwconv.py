@@ -217,13 +217,15 @@ def verdict_cache(monkeypatch, tmp_path):
     return tmp_path
 
 
-def fake_timings(monkeypatch, seconds):
-    """Make dwconv time convs by `seconds` {(impl, mode): s}; returns the list of (impl, mode) timed."""
+def fake_timings(monkeypatch, seconds, by_batch=False):
+    """Make dwconv time convs by `seconds` {(impl, mode): s}, or {(impl, mode, batch): s} `by_batch`; returns the
+    list of those keys timed."""
     timed = []
 
     def time_conv(impl, mode, shape, isa, repeat=1):
-        timed.append((impl, mode))
-        return seconds[(impl, mode)]
+        key = (impl, mode, shape[0]) if by_batch else (impl, mode)
+        timed.append(key)
+        return seconds[key]
 
     monkeypatch.setattr(dwconv, "time_conv", time_conv)
     return timed
@@ -261,39 +263,27 @@ def test_auto_picks_direct_where_its_forward_and_backward_is_faster(verdict_cach
 LARGE_SHAPE = (4, 128, 56, 56, 31)  # RepLKNet-31B's first stage at batch 4: 1.5e9 multiply-adds
 
 
-def fake_timings_by_batch(monkeypatch, seconds):
-    """As fake_timings, by (impl, mode, batch); returns the list of (impl, mode, batch) timed."""
-    timed = []
-
-    def time_conv(impl, mode, shape, isa, repeat=1):
-        timed.append((impl, mode, shape[0]))
-        return seconds[(impl, mode, shape[0])]
-
-    monkeypatch.setattr(dwconv, "time_conv", time_conv)
-    return timed
-
-
 def test_a_large_conv_where_native_is_slower_on_one_image_is_decided_without_timing_native_on_the_batch(
         verdict_cache, monkeypatch):
-    timed = fake_timings_by_batch(monkeypatch, {("direct", "forward_backward", 4): 0.05,
-                                                ("native", "forward", 1): 0.25})
+    timed = fake_timings(monkeypatch, {("direct", "forward_backward", 4): 0.05, ("native", "forward", 1): 0.25},
+                         by_batch=True)
     assert dwconv.multiply_adds(*LARGE_SHAPE) >= dwconv.ONE_IMAGE_FIRST_MULTIPLY_ADDS
     assert dwconv.decide(LARGE_SHAPE, ISA_LEVELS[0]) == "direct"
     assert timed == [("direct", "forward_backward", 4), ("native", "forward", 1)]
 
 
 def test_a_large_conv_where_one_image_does_not_decide_is_timed_on_the_batch(verdict_cache, monkeypatch):
-    timed = fake_timings_by_batch(monkeypatch, {("direct", "forward_backward", 4): 0.05,
-                                                ("native", "forward", 1): 0.02, ("native", "forward", 4): 0.03,
-                                                ("native", "forward_backward", 4): 0.2})
+    timed = fake_timings(monkeypatch, {("direct", "forward_backward", 4): 0.05,
+                                       ("native", "forward", 1): 0.02, ("native", "forward", 4): 0.03,
+                                       ("native", "forward_backward", 4): 0.2}, by_batch=True)
     assert dwconv.decide(LARGE_SHAPE, ISA_LEVELS[0]) == "direct"
     assert timed == [("direct", "forward_backward", 4), ("native", "forward", 1), ("native", "forward", 4),
                      ("native", "forward_backward", 4)]
 
 
 def test_a_small_conv_is_timed_on_the_batch_only(verdict_cache, monkeypatch):
-    timed = fake_timings_by_batch(monkeypatch, {("direct", "forward_backward", 2): 0.05,
-                                                ("native", "forward", 2): 0.6})
+    timed = fake_timings(monkeypatch, {("direct", "forward_backward", 2): 0.05, ("native", "forward", 2): 0.6},
+                         by_batch=True)
     assert dwconv.multiply_adds(*SHAPE) < dwconv.ONE_IMAGE_FIRST_MULTIPLY_ADDS
     assert dwconv.decide(SHAPE, ISA_LEVELS[0]) == "direct"
     assert timed == [("direct", "forward_backward", 2), ("native", "forward", 2)]

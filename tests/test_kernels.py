@@ -182,11 +182,12 @@ def test_drop_path_kernel_masks_each_sample_as_the_graph_hash_does_and_its_gradi
 
 
 class ExactGelu(nn.Cell):
-    """The model's GELU cell as BatchNorm2d.forward_gelu sees it, with MindSpore's exact GELU (the oracle)."""
+    """The model's GELU cell as BatchNorm2d.forward_gelu sees it (a kernel, or None where BN and GELU stay apart),
+    computing MindSpore's exact GELU (the oracle)."""
 
-    def __init__(self, kernel):
+    def __init__(self, fused):
         super().__init__()
-        self.kernel = kernel
+        self.kernel = "stands in for the GELU kernel" if fused else None
 
     def construct(self, x):
         return ops.gelu(x, approximate="none")
@@ -201,7 +202,7 @@ def batch_norm_outputs(bn, x, dout, activation, jit):
     bn.beta.set_data(ms.Tensor(rng.standard_normal(bn.beta.shape).astype(np.float32)))
     bn.set_train(True)
     ours = isinstance(bn, batchnorm.BatchNorm2d)
-    gelu = ExactGelu(kernel="the GELU kernel's place: fuse" if ours else None)
+    gelu = ExactGelu(fused=ours)
 
     def loss(t):
         if activation == "relu":
