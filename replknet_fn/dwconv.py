@@ -383,8 +383,11 @@ def measure_in_child_process(undecided):
     request = json.dumps({"device_target": device.current_target(),
                           "shapes": [[list(shape), isa] for shape, isa in undecided]})
     try:
+        # os.environ, not the inherited environment: importing MindSpore sets OMP_NUM_THREADS=1 in the process's C
+        # environment (not in os.environ), and a child inheriting it timed the kernels on one OpenMP thread and
+        # stored its verdicts under a machine key the parent never looks up.
         child = subprocess.run([sys.executable, "-c", CHILD_COMMAND, request, PACKAGE_PARENT], capture_output=True,
-                               text=True, check=False)
+                               text=True, check=False, env=dict(os.environ))
     except OSError as error:
         log.warning("auto depthwise conv: cannot start a child process (%s); measuring in this one", error)
         return

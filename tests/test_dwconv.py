@@ -410,6 +410,14 @@ def test_decide_for_measures_in_a_child_process_and_keeps_its_verdicts(verdict_c
     for key in keys:
         (record,) = [record for record in caplog.records if key in record.getMessage()]
         assert "measured now, in a child process: direct_forward_backward" in record.getMessage()
+    # Stored where this process (and the next run) looks them up, measured with its threads: a child that inherited
+    # the OMP_NUM_THREADS=1 MindSpore sets in the C environment timed one thread and stored them under another key.
+    isa = net.large.isa
+    assert stored == dwconv.verdict_file(isa)
+    assert json.loads(stored.read_text())["machine"]["threads"] == dwconv.machine_key(isa)["threads"]
+    monkeypatch.setattr(dwconv, "_verdicts", {})
+    monkeypatch.setattr(dwconv, "measure_in_child_process", fail)
+    assert dwconv.decide_for(net, (3, 4, 8, 8)) == verdicts
 
 
 def test_when_the_child_process_fails_decide_for_measures_here_and_says_why(verdict_cache, monkeypatch, caplog):
