@@ -10,6 +10,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from replknet_fn import batchnorm, device, dwconv, pointwise
+from replknet_fn.conv1x1 import Conv1x1
 from replknet_fn.parameters import write_parameter
 
 # Official `get_bn`: nn.BatchNorm2d defaults, eps 1e-5 and PyTorch momentum 0.1 (= MindSpore momentum 0.9).
@@ -23,7 +24,10 @@ def batch_norm(channels):
 
 
 def conv2d(in_channels, out_channels, kernel_size, stride=1, groups=1, has_bias=False):
-    """A conv with the official "same" padding (kernel_size // 2), bias-free like the official `conv_bn`."""
+    """A conv with the official "same" padding (kernel_size // 2), bias-free like the official `conv_bn`; a 1x1
+    one's weight gradient by matmul (conv1x1.py)."""
+    if kernel_size == 1 and stride == 1 and groups == 1 and not has_bias:
+        return Conv1x1(in_channels, out_channels)
     return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
                      padding=kernel_size // 2, group=groups, has_bias=has_bias)
 
