@@ -3,12 +3,14 @@
 RepLKNet's 1x1 convs (the blocks' pw1/pw2, ConvFFN's expand and project, stem and transitions) hold most of its
 parameters. MindSpore's CPU Conv2D computes their weight gradient with oneDNN, and each such oneDNN primitive keeps
 a scratchpad of its own for the whole run: per-thread copies of the weight gradient, touched at every step
-(measured with MindSpore 2.8 on a 2-core AMD EPYC, Zen 3: 84 scratchpads for RepLKNet-31B at batch 4, 2.1 GB
-reserved, 0.52 GB resident -- 8 MB for each 512x2048 conv, 32 MB for each 1024x4096). PyTorch frees its scratchpad
-after each call. Here the weight gradient is sum over the batch of dy[n] @ x[n]^T (MindSpore's BatchMatMul, then a
-sum over the batch), whose buffers come from MindSpore's memory pool and are reused; the input gradient and the
-forward stay MindSpore's Conv2D (neither keeps a scratchpad). It is also faster: 56 against 76 ms for the
-forward and both gradients of the 512 -> 2048 conv at 14x14, batch 4.
+(measured with MindSpore 2.8 on a 2-core AMD EPYC, Zen 3: 85 scratchpads for RepLKNet-31B at batch 4, 2.1 GB
+reserved, 0.52 GB resident -- 2 MB of 8 for each 512x512 conv, 8 MB of 32 for each 512x2048, 32 MB of 128 for
+each 1024x4096). PyTorch frees its scratchpad after each call. Here the weight gradient is the sum over the batch
+of dy[n] @ x[n]^T (MindSpore's BatchMatMul, then a sum over the batch), whose buffers come from MindSpore's memory
+pool and are reused; the input gradient and the forward stay MindSpore's Conv2D (neither keeps a scratchpad).
+31B's training peak: 3.84 -> 3.75 GB, the step as fast (BENCHMARKS.md). Not the whole 0.52 GB: the same cell with
+MindSpore's own Conv2DBackpropFilter in its bprop peaks ~0.23 GB higher in MindSpore's pool than nn.Conv2d, so a
+cell with its own gradient costs that much by itself (why is not known).
 
 Parameters, their names and checkpoints are nn.Conv2d's. Other dtypes (AMP) and other devices use nn.Conv2d's
 own construct.
