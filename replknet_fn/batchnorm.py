@@ -7,6 +7,8 @@ MindSpore 2.8's CPU BatchNorm and BatchNormGrad run at 4.6-11.6 ns per element f
 normalizes by the batch statistics and updates the running statistics in place, and whose gradient is one more
 kernel. Elsewhere (eval, frozen statistics, not float32 NCHW, no compiler, not on CPU) it is MindSpore's BN.
 """
+from typing import NamedTuple
+
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 from mindspore.ops import signature as sig
@@ -44,30 +46,55 @@ class TrainForward(ops.Custom):
         self.add_prim_attr("side_effect_mem", True)
 
 
-def make_op(isa, activation):
-    """The training BN op followed by `activation` (None, "relu" or "gelu") in the same kernel, with its gradient
-    kernel; None without a library. What the gradient reads: x and the batch statistics, with ReLU its output (the
-    mask), with GELU beta (to recompute the normalized x, where GELU's slope is taken)."""
+class KernelSet(NamedTuple):
+    """One activation's training kernels: `forward` (a TrainForward op, with its gradient), `apply` ((x, gamma,
+    beta, mean, invstd) -> the forward's y again, bit for bit) and `backward` (see `backward_inputs`)."""
+    forward: ops.Custom
+    apply: ops.Custom
+    backward: ops.Custom
+
+
+def backward_inputs(activation, x, gamma, beta, mean, invstd, y):
+    """What the gradient kernel reads besides dy: x and the batch statistics, with ReLU its output (the mask), with
+    GELU beta (to recompute the normalized x, where GELU's slope is taken)."""
+    if activation == "relu":
+        return x, gamma, mean, invstd, y
+    if activation == "gelu":
+        return x, gamma, beta, mean, invstd
+    return x, gamma, mean, invstd
+
+
+def make_kernel_set(isa, activation):
+    """The training BN kernels followed by `activation` (None, "relu" or "gelu") in the same pass; None without a
+    library."""
     path = library(isa)
     if path is None:
         return None
     suffix = f"{activation}_" if activation else ""
     backward = ops.Custom(f"{path}:batch_norm_{suffix}backward", tensor_and_two_per_channel_shapes, three_dtypes,
                           func_type="aot")
+    apply = ops.Custom(f"{path}:batch_norm_{suffix}apply", lambda x, *_: x, lambda x, *_: x, func_type="aot")
 
     def bprop(x, gamma, beta, moving_mean, moving_variance, hyper, out, dout):
         y, mean, invstd = out
-        if activation == "relu":
-            saved = (x, gamma, mean, invstd, y)
-        elif activation == "gelu":
-            saved = (x, gamma, beta, mean, invstd)
-        else:
-            saved = (x, gamma, mean, invstd)
-        dx, dgamma, dbeta = backward(*saved, dout[0])
+        dx, dgamma, dbeta = backward(*backward_inputs(activation, x, gamma, beta, mean, invstd, y), dout[0])
         return (dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_variance),
                 ops.zeros_like(hyper))
 
-    return TrainForward(f"{path}:batch_norm_{suffix}forward", bprop)
+    return KernelSet(TrainForward(f"{path}:batch_norm_{suffix}forward", bprop), apply, backward)
+
+
+@kernels.per_isa_level
+def kernel_sets(isa):
+    """{None: KernelSet, "relu": ..., "gelu": ...}, or None without a library."""
+    if library(isa) is None:
+        return None
+    return {activation: make_kernel_set(isa, activation) for activation in (None, "relu", "gelu")}
+
+
+def make_op(isa, activation):
+    sets = kernel_sets(isa)
+    return None if sets is None else sets[activation].forward
 
 
 @kernels.per_isa_level

@@ -18,7 +18,21 @@ own construct.
 import mindspore as ms
 from mindspore import nn, ops
 
-from replknet_fn import device
+from replknet_fn import batchnorm, device
+
+
+def gradients(conv, x, weight, dout):
+    """(dx, dweight) of conv2d(x, weight) for a 1x1 weight: dweight = sum_n dy[n] @ x[n]^T, dx by MindSpore's
+    Conv2DBackpropInput (`conv` holds the two ops)."""
+    batch, in_channels, height, width = x.shape
+    out_channels = weight.shape[0]
+    dy = dout.reshape(batch, out_channels, height * width)
+    # Not before dout exists: MindSpore runs an op once its inputs are ready, and x's reshape, run in the forward,
+    # would keep a copy of x until the backward.
+    x = ops.depend(x, dout)
+    per_image = conv.batch_matmul(dy, x.reshape(batch, in_channels, height * width))
+    weight_gradient = per_image.sum(axis=0).reshape(weight.shape)
+    return conv.input_gradient(dout, weight, x.shape), weight_gradient
 
 
 class WeightGradientByMatmul(nn.Cell):
@@ -34,25 +48,73 @@ class WeightGradientByMatmul(nn.Cell):
         return ops.conv2d(x, weight)
 
     def bprop(self, x, weight, out, dout):
-        batch, in_channels, height, width = x.shape
-        out_channels = weight.shape[0]
-        dy = dout.reshape(batch, out_channels, height * width)
-        # Not before dout exists: MindSpore runs an op once its inputs are ready, and x's reshape, run in the
-        # forward, would keep a copy of x until the backward.
-        x = ops.depend(x, dout)
-        per_image = self.batch_matmul(dy, x.reshape(batch, in_channels, height * width))
-        weight_gradient = per_image.sum(axis=0).reshape(weight.shape)
-        return self.input_gradient(dout, weight, x.shape), weight_gradient
+        return gradients(self, x, weight, dout)
+
+
+class NormalizedInput(WeightGradientByMatmul):
+    """conv2d(activation(bn(x)), weight) in training, bn by the batch statistics (batchnorm.py's kernels), whose
+    gradient recomputes the normalized input y from x and the statistics instead of keeping it: the step keeps x
+    (which BN's own gradient reads anyway) and two per-channel vectors, not y. Returns (conv output, batch mean,
+    batch invstd)."""
+
+    def __init__(self, kernel_set, activation):
+        super().__init__()
+        # Separate attributes: jit reads a NamedTuple's fields by index only.
+        self.forward_op, self.apply_op, self.backward_op = kernel_set
+        self.activation = activation
+
+    def construct(self, x, gamma, beta, moving_mean, moving_variance, hyper, weight):
+        y, mean, invstd = self.forward_op(x, gamma, beta, moving_mean, moving_variance, hyper)
+        return ops.conv2d(y, weight), mean, invstd
+
+    def bprop(self, x, gamma, beta, moving_mean, moving_variance, hyper, weight, out, dout):
+        _, mean, invstd = out
+        dout = dout[0]
+        x = ops.depend(x, dout)  # y is recomputed in the backward, not as soon as x exists (see `gradients`)
+        y = self.apply_op(x, gamma, beta, mean, invstd)
+        dy, weight_gradient = gradients(self, y, weight, dout)
+        dx, dgamma, dbeta = self.backward_op(
+            *batchnorm.backward_inputs(self.activation, x, gamma, beta, mean, invstd, y), dy)
+        return (dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_variance),
+                ops.zeros_like(hyper), weight_gradient)
 
 
 class Conv1x1(nn.Conv2d):
-    """nn.Conv2d(in_channels, out_channels, 1, has_bias=False), its weight gradient by matmul in float32 on CPU."""
+    """nn.Conv2d(in_channels, out_channels, 1, has_bias=False), its weight gradient by matmul in float32 on CPU.
 
-    def __init__(self, in_channels, out_channels):
+    `input_norm` None, "bn" or "bn_gelu" says what the model feeds it: `after_norm(norm, x[, gelu])` computes
+    self(norm(x)) or self(gelu(norm(x))), in training with that normalized input recomputed in the backward (see
+    NormalizedInput)."""
+
+    def __init__(self, in_channels, out_channels, input_norm=None):
         super().__init__(in_channels, out_channels, 1, has_bias=False)
-        self.by_matmul = WeightGradientByMatmul() if device.current_target() == "CPU" else None
+        on_cpu = device.current_target() == "CPU"
+        self.by_matmul = WeightGradientByMatmul() if on_cpu else None
+        sets = batchnorm.kernel_sets() if on_cpu and input_norm is not None and device.cpu_kernels_enabled() else None
+        activation = {"bn": None, "bn_gelu": "gelu"}[input_norm] if sets is not None else None
+        self.normalized = NormalizedInput(sets[activation], activation) if sets is not None else None
+
+    def by_kernels(self, x):
+        return self.by_matmul is not None and x.dtype == ms.float32 and self.weight.dtype == ms.float32
 
     def construct(self, x):
-        if self.by_matmul is None or x.dtype != ms.float32 or self.weight.dtype != ms.float32:
+        if not self.by_kernels(x):
             return super().construct(x)
         return self.by_matmul(x, self.weight)
+
+    def after_norm(self, norm, x, gelu=None):
+        """self(norm(x)), or self(gelu(norm(x))) for the model's GELU cell `gelu` (see the class docstring)."""
+        if self.recomputes(norm, x, gelu):
+            return self.normalized(x, norm.gamma, norm.beta, norm.moving_mean, norm.moving_variance, norm.hyper,
+                                   self.weight)[0]
+        if gelu is None:
+            return self.construct(norm(x))
+        return self.construct(norm.forward_gelu(x, gelu) if isinstance(norm, batchnorm.BatchNorm2d)
+                              else gelu(norm(x)))
+
+    def recomputes(self, norm, x, gelu):
+        """Whether `after_norm` runs NormalizedInput: built for this input, in float32 training with the BN and
+        GELU kernels (not where AMP has wrapped the BN, nor where the GELU keeps MindSpore's ops)."""
+        return (self.normalized is not None and self.by_kernels(x) and isinstance(norm, batchnorm.BatchNorm2d)
+                and norm.by_kernel(x) and (gelu is None) == (self.normalized.activation is None)
+                and (gelu is None or gelu.kernel is not None))

@@ -23,11 +23,12 @@ def batch_norm(channels):
     return batchnorm.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
-def conv2d(in_channels, out_channels, kernel_size, stride=1, groups=1, has_bias=False):
+def conv2d(in_channels, out_channels, kernel_size, stride=1, groups=1, has_bias=False, input_norm=None):
     """A conv with the official "same" padding (kernel_size // 2), bias-free like the official `conv_bn`; a 1x1
-    one's weight gradient by matmul (conv1x1.py)."""
+    one's weight gradient by matmul, and `input_norm` ("bn", "bn_gelu": what the block feeds it) recomputed in the
+    backward (conv1x1.py)."""
     if kernel_size == 1 and stride == 1 and groups == 1 and not has_bias:
-        return Conv1x1(in_channels, out_channels)
+        return Conv1x1(in_channels, out_channels, input_norm)
     return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
                      padding=kernel_size // 2, group=groups, has_bias=has_bias)
 
@@ -42,26 +43,27 @@ class ConvBN(nn.Cell):
         self.relu = relu
 
     def construct(self, x):
-        x = self.conv(x)
+        return self.norm_and_relu(self.conv(x))
+
+    def after_norm(self, norm, x):
+        """self(norm(x)), norm's output recomputed in the backward rather than kept (Conv1x1.after_norm)."""
+        return self.norm_and_relu(self.conv.after_norm(norm, x))
+
+    def norm_and_relu(self, x):
         if self.relu and isinstance(self.bn, batchnorm.BatchNorm2d):  # not when AMP has wrapped it
             return self.bn.forward_relu(x)  # one kernel for BN and ReLU in training
         x = self.bn(x)
         return ops.relu(x) if self.relu else x
 
-    def forward_gelu(self, x, gelu):
-        """gelu(self(x)) for a GELU cell: BN and GELU one kernel in training (batchnorm.py)."""
-        x = self.conv(x)
-        if isinstance(self.bn, batchnorm.BatchNorm2d):
-            return self.bn.forward_gelu(x, gelu)
-        return gelu(self.bn(x))
+
+def conv_bn(in_channels, out_channels, kernel_size, stride=1, groups=1, input_norm=None):
+    return ConvBN(conv2d(in_channels, out_channels, kernel_size, stride, groups, input_norm=input_norm), out_channels,
+                  relu=False)
 
 
-def conv_bn(in_channels, out_channels, kernel_size, stride=1, groups=1):
-    return ConvBN(conv2d(in_channels, out_channels, kernel_size, stride, groups), out_channels, relu=False)
-
-
-def conv_bn_relu(in_channels, out_channels, kernel_size, stride=1, groups=1):
-    return ConvBN(conv2d(in_channels, out_channels, kernel_size, stride, groups), out_channels, relu=True)
+def conv_bn_relu(in_channels, out_channels, kernel_size, stride=1, groups=1, input_norm=None):
+    return ConvBN(conv2d(in_channels, out_channels, kernel_size, stride, groups, input_norm=input_norm), out_channels,
+                  relu=True)
 
 
 def depthwise_conv_bn_relu(channels, kernel_size, large_kernel_impl, stride=1):
@@ -156,7 +158,7 @@ class RepLKBlock(nn.Cell):
                  large_kernel_impl="auto", index=0):
         super().__init__()
         self.prelkb_bn = batch_norm(in_channels)
-        self.pw1 = conv_bn_relu(in_channels, dw_channels, 1)
+        self.pw1 = conv_bn_relu(in_channels, dw_channels, 1, input_norm="bn")
         self.large_kernel = ReparamLargeKernelConv(dw_channels, large_kernel_size, small_kernel_size,
                                                    large_kernel_impl)
         self.lk_nonlinear = nn.ReLU()
@@ -164,8 +166,7 @@ class RepLKBlock(nn.Cell):
         self.drop_path = drop_path_or_identity(drop_path_rate, index)
 
     def construct(self, x):
-        out = self.prelkb_bn(x)
-        out = self.pw1(out)
+        out = self.pw1.after_norm(self.prelkb_bn, x)  # = self.pw1(self.prelkb_bn(x))
         out = self.large_kernel(out)
         out = self.lk_nonlinear(out)
         out = self.pw2(out)
@@ -194,21 +195,23 @@ class GELU(nn.Cell):
 
 class ConvFFN(nn.Cell):
     """pre-BN -> 1x1 conv-BN (expand) -> exact GELU -> 1x1 conv-BN -> drop path -> residual; in training the
-    expand's BN and the GELU are one kernel (ConvBN.forward_gelu)."""
+    expand's BN and the GELU are one kernel, and neither 1x1 conv's normalized input is kept for the backward
+    (Conv1x1.after_norm): the four-times-wide GELU output is recomputed there."""
 
     def __init__(self, channels, internal_channels, drop_path_rate, index=0, impl="auto"):
         super().__init__()
         self.preffn_bn = batch_norm(channels)
-        self.pw1 = conv_bn(channels, internal_channels, 1)
+        self.pw1 = conv_bn(channels, internal_channels, 1, input_norm="bn")
         self.nonlinear = GELU(impl)
-        self.pw2 = conv_bn(internal_channels, channels, 1)
+        self.pw2 = conv_bn(internal_channels, channels, 1, input_norm="bn_gelu")
         self.drop_path = drop_path_or_identity(drop_path_rate, index)
 
     def construct(self, x):
-        out = self.preffn_bn(x)
-        out = self.pw1.forward_gelu(out, self.nonlinear)
-        out = self.pw2(out)
-        return x + self.drop_path(out)
+        if not isinstance(self.pw1, ConvBN):  # the folded deploy form (reparam.py): biased convs
+            return x + self.drop_path(self.pw2(self.nonlinear(self.pw1(self.preffn_bn(x)))))
+        out = self.pw1.conv.after_norm(self.preffn_bn, x)  # preffn_bn, pw1's conv
+        out = self.pw2.conv.after_norm(self.pw1.bn, out, self.nonlinear)  # pw1's BN, GELU, pw2's conv
+        return x + self.drop_path(self.pw2.bn(out))
 
 
 class RepLKNetStage(nn.Cell):

@@ -76,9 +76,9 @@ class ConvBias(nn.Cell):
             x = self.relu(x)
         return x
 
-    def forward_gelu(self, x, gelu):
-        """gelu(self(x)): ConvFFN calls its pw1 so (ConvBN.forward_gelu)."""
-        return gelu(self.construct(x))
+    def after_norm(self, norm, x):
+        """self(norm(x)): RepLKBlock calls its pw1 so (ConvBN.after_norm)."""
+        return self.construct(norm(x))
 
 
 def deploy_large_kernel(large_kernel, large_kernel_impl):

@@ -54,3 +54,79 @@ def test_the_model_builds_its_1x1_convs_as_conv1x1_with_nn_conv2d_s_names():
     assert not isinstance(model.conv2d(8, 16, 1, has_bias=True), Conv1x1)  # the folded deploy form
     assert not isinstance(model.conv2d(8, 16, 1, stride=2), Conv1x1)
     assert not isinstance(model.conv2d(8, 16, 3), Conv1x1)
+
+
+def normalized_conv_outputs(conv, norm, gelu, x, target, jit):
+    """Output, the gradients of x, gamma, beta and the weight of sum(conv.after_norm(norm, x[, gelu]) * target),
+    and norm's running statistics after that one training forward."""
+    norm.set_train(True)
+
+    def loss(x):
+        out = conv.after_norm(norm, x, gelu)
+        return (out * target).sum(), out
+
+    value_and_grad = ms.value_and_grad(loss, 0, [norm.gamma, norm.beta, conv.weight], has_aux=True)
+    if jit:
+        value_and_grad = ms.jit(value_and_grad)
+    (_, out), (input_gradient, parameter_gradients) = value_and_grad(x)
+    return [value.asnumpy() for value in (out, input_gradient, *parameter_gradients, norm.moving_mean,
+                                          norm.moving_variance)]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("input_norm", ["bn", "bn_gelu"])
+@pytest.mark.parametrize("shape", [(3, 6, 9, 11), (4, 6, 5, 7)], ids=["plane99", "plane35"])
+def test_recomputing_the_normalized_input_changes_no_value(input_norm, jit, shape):
+    """conv(bn(x)) and conv(gelu(bn(x))) with the normalized input recomputed in the backward (NormalizedInput)
+    give the same output, gradients (x, gamma, beta, weight) and running statistics (updated once) as the same
+    kernels run one after another and the input kept: the recomputed input is the forward's, bit for bit."""
+    rng = np.random.default_rng(3)
+    x = ms.Tensor((rng.standard_normal(shape) * 2 + 1).astype(np.float32))
+    target = ms.Tensor(rng.standard_normal((shape[0], 10, *shape[2:])).astype(np.float32))
+    gamma, beta = rng.standard_normal(6).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    outputs = []
+    for recomputes in (True, False):
+        conv = Conv1x1(6, 10, input_norm if recomputes else None)
+        conv.weight.set_data(ms.Tensor(rng.standard_normal((10, 6, 1, 1)).astype(np.float32)) if not outputs
+                             else outputs[0][-1])
+        norm = model.batch_norm(6)
+        norm.gamma.set_data(ms.Tensor(gamma))
+        norm.beta.set_data(ms.Tensor(beta))
+        gelu = model.GELU() if input_norm == "bn_gelu" else None
+        norm.set_train(True)
+        assert conv.recomputes(norm, x, gelu) == recomputes
+        outputs.append([*normalized_conv_outputs(conv, norm, gelu, x, target, jit), conv.weight.data])
+    for name, got, expected in zip(["out", "dx", "dgamma", "dbeta", "dweight", "moving_mean", "moving_variance"],
+                                   outputs[0], outputs[1]):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max(), err_msg=name)
+
+
+def test_the_gradient_recomputes_the_normalized_input(monkeypatch):
+    """The gradient the unfused layers would equal is NormalizedInput's bprop's: a doubled weight gradient shows."""
+    original = conv1x1.NormalizedInput.bprop
+
+    def doubled(self, *args):
+        gradients = original(self, *args)
+        return (*gradients[:-1], gradients[-1] * 2)
+
+    monkeypatch.setattr(conv1x1.NormalizedInput, "bprop", doubled)
+    conv, norm = Conv1x1(4, 5, "bn"), model.batch_norm(4)
+    x = ms.Tensor(np.random.default_rng(4).standard_normal((2, 4, 3, 3)).astype(np.float32))
+    target = ms.Tensor(np.ones((2, 5, 3, 3), np.float32))
+    # d/dW sum(W bn(x)) is the sum of bn(x) over the batch and the pixels: with gamma 1 and beta 1, 18 per channel.
+    norm.beta.set_data(ms.Tensor(np.ones(4, np.float32)))
+    dweight = normalized_conv_outputs(conv, norm, None, x, target, False)[4]
+    np.testing.assert_allclose(dweight, np.full((5, 4, 1, 1), 2 * 18, np.float32), rtol=1e-5)
+
+
+def test_the_blocks_recompute_their_1x1_convs_normalized_inputs():
+    """RepLKBlock's pw1 (after the pre-BN), ConvFFN's pw1 (after the pre-BN) and pw2 (after BN and GELU) are built
+    to recompute their inputs; eval mode runs the layers one after another (the running statistics)."""
+    block, ffn = model.RepLKBlock(8, 8, 5, 3, 0.0), model.ConvFFN(8, 32, 0.0)
+    assert block.pw1.conv.normalized.activation is None and block.pw2.conv.normalized is None
+    assert ffn.pw1.conv.normalized.activation is None and ffn.pw2.conv.normalized.activation == "gelu"
+    x = ms.Tensor(np.random.default_rng(5).standard_normal((2, 8, 6, 6)).astype(np.float32))
+    ffn.set_train(False)
+    assert not ffn.pw1.conv.recomputes(ffn.preffn_bn, x, None)
+    expected = ffn.pw2(ffn.nonlinear(ffn.pw1(ffn.preffn_bn(x)))).asnumpy() + x.asnumpy()
+    np.testing.assert_allclose(ffn(x).asnumpy(), expected, rtol=1e-6, atol=1e-6)

@@ -242,6 +242,23 @@ def test_training_batch_norm_kernel_is_mindspores_batch_norm(isa, activation, ji
         assert np.abs(value - reference).max() <= 2e-6 * np.abs(reference).max(), name
 
 
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"], ids=["bn", "bn_relu", "bn_gelu"])
+@pytest.mark.parametrize("shape", [(3, 6, 9, 11), (5, 6, 2, 1)], ids=["plane99", "plane2"])
+def test_the_apply_kernel_recomputes_the_forward_output_bit_for_bit(isa, activation, shape):
+    """From x and the statistics the forward returned, `apply` gives the forward's y again, the same bits, on both
+    of the forward's plane paths: what lets a train step recompute y in the backward (conv1x1.NormalizedInput)."""
+    rng = np.random.default_rng(2)
+    x = ms.Tensor((rng.standard_normal(shape) * 3 + 1).astype(np.float32))
+    gamma, beta = (ms.Tensor(rng.standard_normal(6).astype(np.float32)) for _ in range(2))
+    moving_mean, moving_variance = ms.Parameter(np.zeros(6, np.float32)), ms.Parameter(np.ones(6, np.float32))
+    kernel_set = batchnorm.kernel_sets(isa)[activation]
+    y, mean, invstd = kernel_set.forward(x, gamma, beta, moving_mean, moving_variance,
+                                         ms.Tensor([1e-5, 0.9], ms.float32))
+    again = kernel_set.apply(x, gamma, beta, mean, invstd).asnumpy()
+    assert np.array_equal(again, y.asnumpy()) and np.abs(again).max() > 0.5
+
+
 def test_batch_norm_evaluates_and_trains_by_mindspore_where_the_kernel_does_not_apply():
     """Eval mode and frozen statistics (running statistics), and float16 input (AMP), go to nn.BatchNorm2d's own
     path."""
@@ -259,9 +276,9 @@ def test_batch_norm_evaluates_and_trains_by_mindspore_where_the_kernel_does_not_
 
 # Each source's loops over all elements, as (the pattern of their lines, how many): pointwise.cc's GELU forward and
 # gradient, drop path's and the gradients' scaling, AdamW; batchnorm.cc's normalize-and-activate loops (both plane
-# paths) and its GELU gradient.
+# paths, and apply) and its GELU gradient.
 ELEMENT_WISE_LOOPS = {"pointwise": (r"\s*for \(int64_t i = 0; i < (n|per_sample); \+\+i\)", 5),
-                      "batchnorm": (r"\s*for .*(activate<kActivation>|gelu_slope)\(", 3)}
+                      "batchnorm": (r"\s*for .*(activate<kActivation>|gelu_slope)\(", 4)}
 
 
 @pytest.mark.parametrize("isa", ISA_LEVELS)

@@ -5,6 +5,9 @@
 //       (moving = momentum moving + (1 - momentum) batch, the variance unbiased), hyper = [eps, momentum] (the
 //       MindSpore momentum: 0.9 is PyTorch's 0.1). With `_relu`, y = max(y, 0) (conv-BN-ReLU in one pass); with
 //       `_gelu`, y = gelu(y), the exact GELU of gelu.h (ConvFFN's conv-BN-GELU).
+//   batch_norm_apply     (x, gamma, beta, mean, invstd) -> y, the forward's y (and `_relu`, `_gelu`'s) again from the
+//       statistics it returned, with its arithmetic: the same bits. A training step that recomputes y in the
+//       backward need not keep it (conv1x1.NormalizedConv1x1: y is only the next 1x1 conv's weight gradient's).
 //   batch_norm_backward  (x, gamma, mean, invstd, dy) -> (dx, dgamma, dbeta)
 //   batch_norm_relu_backward (x, gamma, mean, invstd, y, dy) -> (dx, dgamma, dbeta), dy masked by y > 0
 //   batch_norm_gelu_backward (x, gamma, beta, mean, invstd, dy) -> (dx, dgamma, dbeta), dy times GELU's slope at
@@ -173,6 +176,27 @@ int forward(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   return 0;
 }
 
+template <Activation kActivation>
+int apply(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  Layout s;
+  if (nparam != 6 || !all_float32(nparam, dtypes) || !nchw(ndims[0], shapes[0], &s)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *gamma = static_cast<const float *>(params[1]);
+  const float *beta = static_cast<const float *>(params[2]);
+  const float *mean = static_cast<const float *>(params[3]);
+  const float *invstd = static_cast<const float *>(params[4]);
+  float *y = static_cast<float *>(params[5]);
+  for (int64_t n = 0; n < s.batch; ++n) {
+    for (int64_t c = 0; c < s.channels; ++c) {
+      const float scale = gamma[c] * invstd[c], shift = beta[c] - mean[c] * scale;  // as statistics() in forward
+      const float *p = x + s.offset(n, c);
+      float *q = y + s.offset(n, c);
+      for (int64_t i = 0; i < s.plane; ++i) q[i] = activate<kActivation>(p[i] * scale + shift);
+    }
+  }
+  return 0;
+}
+
 // dbeta = sum dy', dgamma = invstd sum dy' (x - mean), dx = gamma invstd (dy' - dbeta / M - xhat dgamma / M) with
 // xhat = (x - mean) invstd, M = N H W, and dy' = dy (masked by y > 0 after a fused ReLU; after a fused GELU, times
 // its slope at gamma xhat + beta, written to dx first and finished there in place).
@@ -288,6 +312,21 @@ extern "C" int batch_norm_relu_forward(int nparam, void **params, int *ndims, in
 extern "C" int batch_norm_gelu_forward(int nparam, void **params, int *ndims, int64_t **shapes,
                                        const char **dtypes, void *, void *) {
   return forward<Activation::kGelu>(nparam, params, ndims, shapes, dtypes);
+}
+
+extern "C" int batch_norm_apply(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *, void *) {
+  return apply<Activation::kNone>(nparam, params, ndims, shapes, dtypes);
+}
+
+extern "C" int batch_norm_relu_apply(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                     void *, void *) {
+  return apply<Activation::kRelu>(nparam, params, ndims, shapes, dtypes);
+}
+
+extern "C" int batch_norm_gelu_apply(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                     void *, void *) {
+  return apply<Activation::kGelu>(nparam, params, ndims, shapes, dtypes);
 }
 
 extern "C" int batch_norm_backward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
