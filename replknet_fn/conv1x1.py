@@ -79,20 +79,77 @@ class NormalizedInput(WeightGradientByMatmul):
                 ops.zeros_like(hyper), weight_gradient)
 
 
+class NormalizedSumInput(WeightGradientByMatmul):
+    """conv2d(relu(bn_a(a) + bn_b(b)), weight) in training (RepLKBlock's two depthwise branches, their BNs, the sum
+    and the ReLU before pw2), the ReLU's output recomputed in the backward as NormalizedInput's input is. Returns
+    (conv output, a's mean, a's invstd, b's mean, b's invstd)."""
+
+    def __init__(self, kernel_set):
+        super().__init__()
+        self.forward_op, self.apply_op, self.backward_op = kernel_set
+        self.relu = ops.ReLU()  # the primitive: ops.relu in a bprop fails to compile in MindSpore 2.8
+
+    def construct(self, a, gamma_a, beta_a, moving_mean_a, moving_variance_a, hyper_a,
+                  b, gamma_b, beta_b, moving_mean_b, moving_variance_b, hyper_b, weight):
+        y_a, mean_a, invstd_a = self.forward_op(a, gamma_a, beta_a, moving_mean_a, moving_variance_a, hyper_a)
+        y_b, mean_b, invstd_b = self.forward_op(b, gamma_b, beta_b, moving_mean_b, moving_variance_b, hyper_b)
+        return ops.conv2d(self.relu(y_a + y_b), weight), mean_a, invstd_a, mean_b, invstd_b
+
+    def bprop(self, a, gamma_a, beta_a, moving_mean_a, moving_variance_a, hyper_a,
+              b, gamma_b, beta_b, moving_mean_b, moving_variance_b, hyper_b, weight, out, dout):
+        _, mean_a, invstd_a, mean_b, invstd_b = out
+        dout = dout[0]
+        a, b = ops.depend(a, dout), ops.depend(b, dout)
+        y = self.relu(self.apply_op(a, gamma_a, beta_a, mean_a, invstd_a)
+                      + self.apply_op(b, gamma_b, beta_b, mean_b, invstd_b))
+        dy, weight_gradient = gradients(self, y, weight, dout)
+        dy = dy * (y > 0).astype(dy.dtype)
+        da, dgamma_a, dbeta_a = self.backward_op(a, gamma_a, mean_a, invstd_a, dy)
+        db, dgamma_b, dbeta_b = self.backward_op(b, gamma_b, mean_b, invstd_b, dy)
+        return (da, dgamma_a, dbeta_a, ops.zeros_like(moving_mean_a), ops.zeros_like(moving_variance_a),
+                ops.zeros_like(hyper_a), db, dgamma_b, dbeta_b, ops.zeros_like(moving_mean_b),
+                ops.zeros_like(moving_variance_b), ops.zeros_like(hyper_b), weight_gradient)
+
+
+# What a Conv1x1's `input_norm` says the model feeds it: a BN's output, BN then ReLU or GELU, or the ReLU of two
+# BNs' sum.
+INPUT_NORMS = (None, "bn", "bn_relu", "bn_gelu", "two_bn_relu")
+
+
+def batch_norm_kernel(norm, x):
+    """Whether `norm` is a batchnorm.BatchNorm2d running its kernel on x (not one AMP has wrapped, not eval)."""
+    return isinstance(norm, batchnorm.BatchNorm2d) and norm.by_kernel(x)
+
+
+def activation_kind(activation):
+    """None, "relu", or "gelu" for the model's GELU cell where it runs its kernel (None where it keeps MindSpore's
+    ops: nothing then runs fused)."""
+    if activation is None or isinstance(activation, str):
+        return activation
+    return "gelu" if activation.kernel is not None else "composed gelu"
+
+
 class Conv1x1(nn.Conv2d):
     """nn.Conv2d(in_channels, out_channels, 1, has_bias=False), its weight gradient by matmul in float32 on CPU.
 
-    `input_norm` None, "bn" or "bn_gelu" says what the model feeds it: `after_norm(norm, x[, gelu])` computes
-    self(norm(x)) or self(gelu(norm(x))), in training with that normalized input recomputed in the backward (see
-    NormalizedInput)."""
+    `input_norm` (INPUT_NORMS) says what the model feeds it: `after_norm(norm, x, activation)` computes
+    self(activation(norm(x))), `after_two_norms(norm_a, a, norm_b, b)` self(relu(norm_a(a) + norm_b(b))), in
+    training with that normalized input recomputed in the backward rather than kept (NormalizedInput,
+    NormalizedSumInput)."""
 
     def __init__(self, in_channels, out_channels, input_norm=None):
         super().__init__(in_channels, out_channels, 1, has_bias=False)
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm {input_norm!r}: choose one of {list(INPUT_NORMS)}")
         on_cpu = device.current_target() == "CPU"
         self.by_matmul = WeightGradientByMatmul() if on_cpu else None
         sets = batchnorm.kernel_sets() if on_cpu and input_norm is not None and device.cpu_kernels_enabled() else None
-        activation = {"bn": None, "bn_gelu": "gelu"}[input_norm] if sets is not None else None
-        self.normalized = NormalizedInput(sets[activation], activation) if sets is not None else None
+        self.normalized = self.normalized_sum = None
+        if sets is not None and input_norm == "two_bn_relu":
+            self.normalized_sum = NormalizedSumInput(sets[None])
+        elif sets is not None:
+            activation = {"bn": None, "bn_relu": "relu", "bn_gelu": "gelu"}[input_norm]
+            self.normalized = NormalizedInput(sets[activation], activation)
 
     def by_kernels(self, x):
         return self.by_matmul is not None and x.dtype == ms.float32 and self.weight.dtype == ms.float32
@@ -102,19 +159,30 @@ class Conv1x1(nn.Conv2d):
             return super().construct(x)
         return self.by_matmul(x, self.weight)
 
-    def after_norm(self, norm, x, gelu=None):
-        """self(norm(x)), or self(gelu(norm(x))) for the model's GELU cell `gelu` (see the class docstring)."""
-        if self.recomputes(norm, x, gelu):
+    def after_norm(self, norm, x, activation=None):
+        """self(activation(norm(x))) for `activation` None, "relu" or the model's GELU cell (see the class
+        docstring)."""
+        if self.recomputes(norm, x, activation):
             return self.normalized(x, norm.gamma, norm.beta, norm.moving_mean, norm.moving_variance, norm.hyper,
                                    self.weight)[0]
-        if gelu is None:
+        if activation is None:
             return self.construct(norm(x))
-        return self.construct(norm.forward_gelu(x, gelu) if isinstance(norm, batchnorm.BatchNorm2d)
-                              else gelu(norm(x)))
+        relu = isinstance(activation, str)
+        if not isinstance(norm, batchnorm.BatchNorm2d):
+            return self.construct(ops.relu(norm(x)) if relu else activation(norm(x)))
+        return self.construct(norm.forward_relu(x) if relu else norm.forward_gelu(x, activation))
 
-    def recomputes(self, norm, x, gelu):
+    def after_two_norms(self, norm_a, a, norm_b, b):
+        """self(relu(norm_a(a) + norm_b(b))) (see the class docstring)."""
+        if (self.normalized_sum is not None and self.by_kernels(a) and batch_norm_kernel(norm_a, a)
+                and batch_norm_kernel(norm_b, b)):
+            return self.normalized_sum(a, norm_a.gamma, norm_a.beta, norm_a.moving_mean, norm_a.moving_variance,
+                                       norm_a.hyper, b, norm_b.gamma, norm_b.beta, norm_b.moving_mean,
+                                       norm_b.moving_variance, norm_b.hyper, self.weight)[0]
+        return self.construct(ops.relu(norm_a(a) + norm_b(b)))
+
+    def recomputes(self, norm, x, activation):
         """Whether `after_norm` runs NormalizedInput: built for this input, in float32 training with the BN and
-        GELU kernels (not where AMP has wrapped the BN, nor where the GELU keeps MindSpore's ops)."""
-        return (self.normalized is not None and self.by_kernels(x) and isinstance(norm, batchnorm.BatchNorm2d)
-                and norm.by_kernel(x) and (gelu is None) == (self.normalized.activation is None)
-                and (gelu is None or gelu.kernel is not None))
+        GELU kernels."""
+        return (self.normalized is not None and self.by_kernels(x) and batch_norm_kernel(norm, x)
+                and activation_kind(activation) == self.normalized.activation)

@@ -45,9 +45,9 @@ class ConvBN(nn.Cell):
     def construct(self, x):
         return self.norm_and_relu(self.conv(x))
 
-    def after_norm(self, norm, x):
-        """self(norm(x)), norm's output recomputed in the backward rather than kept (Conv1x1.after_norm)."""
-        return self.norm_and_relu(self.conv.after_norm(norm, x))
+    def after_norm(self, norm, x, activation=None):
+        """self(activation(norm(x))), that input recomputed in the backward rather than kept (Conv1x1.after_norm)."""
+        return self.norm_and_relu(self.conv.after_norm(norm, x, activation))
 
     def norm_and_relu(self, x):
         if self.relu and isinstance(self.bn, batchnorm.BatchNorm2d):  # not when AMP has wrapped it
@@ -162,15 +162,27 @@ class RepLKBlock(nn.Cell):
         self.large_kernel = ReparamLargeKernelConv(dw_channels, large_kernel_size, small_kernel_size,
                                                    large_kernel_impl)
         self.lk_nonlinear = nn.ReLU()
-        self.pw2 = conv_bn(dw_channels, in_channels, 1)
+        self.pw2 = conv_bn(dw_channels, in_channels, 1,
+                           input_norm="bn_relu" if small_kernel_size is None else "two_bn_relu")
         self.drop_path = drop_path_or_identity(drop_path_rate, index)
 
     def construct(self, x):
         out = self.pw1.after_norm(self.prelkb_bn, x)  # = self.pw1(self.prelkb_bn(x))
-        out = self.large_kernel(out)
-        out = self.lk_nonlinear(out)
-        out = self.pw2(out)
+        out = self.pw2_after_large_kernel(out)  # = self.pw2(self.lk_nonlinear(self.large_kernel(out)))
         return x + self.drop_path(out)
+
+    def pw2_after_large_kernel(self, x):
+        """pw2(ReLU(large kernel(x))); in training the ReLU's output (pw2's input) is recomputed in the backward
+        from the two branches' conv outputs rather than kept (Conv1x1.after_two_norms)."""
+        large_kernel = self.large_kernel
+        if not isinstance(large_kernel, ReparamLargeKernelConv) or not isinstance(self.pw2, ConvBN):  # deploy
+            return self.pw2(self.lk_nonlinear(large_kernel(x)))
+        origin, small = large_kernel.lkb_origin, large_kernel.small_conv
+        if small is None:
+            out = self.pw2.conv.after_norm(origin.bn, origin.conv(x), "relu")
+        else:
+            out = self.pw2.conv.after_two_norms(origin.bn, origin.conv(x), small.bn, small.conv(x))
+        return self.pw2.bn(out)
 
 
 class GELU(nn.Cell):
@@ -260,9 +272,20 @@ class RepLKNet(nn.Cell):
         self.avgpool = GlobalAvgPool() if head is not None else None
         self.head = head
 
+    def forward_stem(self, x):
+        """The stem's four layers; in training the second's ReLU output, the 1x1 conv's input, is recomputed in the
+        backward rather than kept (ConvBN.after_norm)."""
+        stem = self.stem
+        if not isinstance(stem[1], ConvBN):  # the folded deploy form
+            for layer in stem:
+                x = layer(x)
+            return x
+        x = stem[1].conv(stem[0](x))
+        x = stem[2].after_norm(stem[1].bn, x, "relu")
+        return stem[3](x)
+
     def forward_features(self, x):
-        for layer in self.stem:
-            x = layer(x)
+        x = self.forward_stem(x)
         num_stages = len(self.stages)
         for stage_idx in range(num_stages):
             x = self.stages[stage_idx](x)
@@ -272,8 +295,7 @@ class RepLKNet(nn.Cell):
 
     def forward_stage_outputs(self, x):
         """Per-stage features for `out_indices` (official: normalized by `stages[i].norm`)."""
-        for layer in self.stem:
-            x = layer(x)
+        x = self.forward_stem(x)
         outs = ()
         num_stages = len(self.stages)
         for stage_idx in range(num_stages):
@@ -330,7 +352,7 @@ def build_replknet(large_kernel_sizes, layers, channels, drop_path_rate=0.0, sma
     stem = nn.CellList([
         conv_bn_relu(in_channels, base_width, 3, stride=2),
         depthwise_conv_bn_relu(base_width, 3, large_kernel_impl),
-        conv_bn_relu(base_width, base_width, 1),
+        conv_bn_relu(base_width, base_width, 1, input_norm="bn_relu"),
         depthwise_conv_bn_relu(base_width, 3, large_kernel_impl, stride=2),
     ])
     # Drop-path rates rise linearly over all blocks, as in the official code (following Swin).
