@@ -151,3 +151,14 @@ class BatchNorm2d(nn.BatchNorm2d):
         if self.by_kernel(x) and gelu.kernel is not None:
             return self.gelu_kernel(x, self.gamma, self.beta, self.moving_mean, self.moving_variance, self.hyper)[0]
         return gelu(super().construct(x))
+
+
+def normalize(norm, x, activation=None):
+    """activation(norm(x)) for `activation` None, "relu" or the model's GELU cell, BN and activation one kernel where
+    `norm` is a BatchNorm2d (not one AMP has wrapped)."""
+    if activation is None:
+        return norm(x)
+    relu = isinstance(activation, str)
+    if not isinstance(norm, BatchNorm2d):
+        return ops.relu(norm(x)) if relu else activation(norm(x))
+    return norm.forward_relu(x) if relu else norm.forward_gelu(x, activation)

@@ -165,12 +165,7 @@ class Conv1x1(nn.Conv2d):
         if self.recomputes(norm, x, activation):
             return self.normalized(x, norm.gamma, norm.beta, norm.moving_mean, norm.moving_variance, norm.hyper,
                                    self.weight)[0]
-        if activation is None:
-            return self.construct(norm(x))
-        relu = isinstance(activation, str)
-        if not isinstance(norm, batchnorm.BatchNorm2d):
-            return self.construct(ops.relu(norm(x)) if relu else activation(norm(x)))
-        return self.construct(norm.forward_relu(x) if relu else norm.forward_gelu(x, activation))
+        return self.construct(batchnorm.normalize(norm, x, activation))
 
     def after_two_norms(self, norm_a, a, norm_b, b):
         """self(relu(norm_a(a) + norm_b(b))) (see the class docstring)."""

@@ -38,7 +38,7 @@ from mindspore import nn, ops
 from mindspore.common import dtype as mstype
 from mindspore.common.parameter import ParameterTuple
 
-from replknet_fn import device, kernels
+from replknet_fn import batchnorm, device, kernels
 
 IMPLEMENTATIONS = ("native", "auto", "direct")
 SOURCE = kernels.SOURCE_DIR / "dwconv.cc"
@@ -70,29 +70,41 @@ def x_shape_last(dy_shape, weight_shape, x_shape):
     return x_shape
 
 
-def conv_op(isa, stride):
-    """The forward custom op at `stride` (1 or 2), whose bprop calls the input- and weight-gradient kernels; None
-    without a library. dx is the same convolution of dout with the kernel flipped, dweight correlates x with dout;
-    at stride 2 the input-gradient kernel also takes x, for its shape (odd or even size)."""
+@functools.lru_cache(maxsize=None)
+def gradient_ops(isa, stride):
+    """(input-gradient op, weight-gradient op) of the direct kernel at `stride`; None without a library. dx is the
+    same convolution of dout with the kernel flipped, dweight correlates x with dout; at stride 2 the
+    input-gradient kernel also takes x, for its shape (odd or even size)."""
     path = library(isa)
     if path is None:
         return None
     name = "dwconv" if stride == 1 else "dwconv_stride2"
-    same_dtype = kernels.same_dtype
-    weight_grad = ops.Custom(f"{path}:{name}_weight_grad", kernel_shape, same_dtype, func_type="aot")
-    if stride == 1:
-        input_grad = ops.Custom(f"{path}:{name}_input_grad", kernels.same_shape, same_dtype, func_type="aot")
+    weight_grad = ops.Custom(f"{path}:{name}_weight_grad", kernel_shape, kernels.same_dtype, func_type="aot")
+    input_shape = kernels.same_shape if stride == 1 else x_shape_last
+    input_grad = ops.Custom(f"{path}:{name}_input_grad", input_shape, kernels.same_dtype, func_type="aot")
+    return input_grad, weight_grad
 
-        def bprop(x, weight, out, dout):
-            return input_grad(dout, weight), weight_grad(x, dout, weight)
-    else:
-        input_grad = ops.Custom(f"{path}:{name}_input_grad", x_shape_last, same_dtype, func_type="aot")
 
-        def bprop(x, weight, out, dout):
-            return input_grad(dout, weight, x), weight_grad(x, dout, weight)
+def gradients(input_grad, weight_grad, stride, x, weight, dout):
+    """(dx, dweight) of the direct conv of x at `stride`, by its gradient ops (`gradient_ops`)."""
+    dx = input_grad(dout, weight) if stride == 1 else input_grad(dout, weight, x)
+    return dx, weight_grad(x, dout, weight)
 
+
+def conv_op(isa, stride):
+    """The forward custom op at `stride` (1 or 2), whose bprop calls the input- and weight-gradient kernels
+    (`gradient_ops`); None without a library."""
+    path = library(isa)
+    if path is None:
+        return None
+    input_grad, weight_grad = gradient_ops(isa, stride)
+
+    def bprop(x, weight, out, dout):
+        return gradients(input_grad, weight_grad, stride, x, weight, dout)
+
+    name = "dwconv" if stride == 1 else "dwconv_stride2"
     forward_shape = kernels.same_shape if stride == 1 else stride2_shape
-    return ops.Custom(f"{path}:{name}_forward", forward_shape, same_dtype, func_type="aot", bprop=bprop)
+    return ops.Custom(f"{path}:{name}_forward", forward_shape, kernels.same_dtype, func_type="aot", bprop=bprop)
 
 
 @kernels.per_isa_level
@@ -480,6 +492,9 @@ class DepthwiseConv(nn.Conv2d):
         op = direct_conv_op if stride == 1 else direct_stride2_conv_op
         self.direct = op(self.isa) if device.cpu_kernels_enabled() else None
         self.automatic = automatic
+        # relu(bn(x)) recomputed in the backward (after_norm); also what ReparamLargeKernelConv's pair checks.
+        self.normalized = (NormalizedInput(self.isa, stride) if self.direct is not None
+                           and batchnorm.kernel_sets(self.isa) is not None else None)
 
     def use_direct(self, x):
         if self.direct is None or x.dtype != mstype.float32:
@@ -487,6 +502,14 @@ class DepthwiseConv(nn.Conv2d):
         if not self.automatic:
             return True
         return direct_at(x.shape, self.kernel_size[0], self.stride[0], self.isa)
+
+    def after_norm(self, norm, x, activation=None):
+        """self(activation(norm(x))); for "relu" after a BatchNorm2d in training, by the direct kernel, that input
+        recomputed in the backward rather than kept (NormalizedInput)."""
+        if isinstance(activation, str) and recomputes(norm, x, self):
+            return self.normalized(x, norm.gamma, norm.beta, norm.moving_mean, norm.moving_variance, norm.hyper,
+                                   self.weight)[0]
+        return self.construct(batchnorm.normalize(norm, x, activation))
 
     def construct(self, x):
         if self.use_direct(x):
@@ -496,6 +519,69 @@ class DepthwiseConv(nn.Conv2d):
         if self.has_bias:
             out = self.bias_add(out, self.bias)
         return out
+
+
+class NormalizedInput(nn.Cell):
+    """The direct kernel's depthwise conv of relu(bn(x)) in training (the stem's and the transitions' 3x3 after
+    their conv-BN-ReLU), whose gradient recomputes relu(bn(x)) from x and the batch statistics rather than keeping
+    it, as conv1x1.NormalizedInput does. Returns (conv output, batch mean, batch invstd)."""
+
+    def __init__(self, isa, stride):
+        super().__init__()
+        self.forward_op, self.apply_op, self.backward_op = batchnorm.kernel_sets(isa)["relu"]
+        self.conv = (direct_conv_op if stride == 1 else direct_stride2_conv_op)(isa)
+        self.input_grad, self.weight_grad = gradient_ops(isa, stride)
+        self.stride = stride
+
+    def construct(self, x, gamma, beta, moving_mean, moving_variance, hyper, weight):
+        y, mean, invstd = self.forward_op(x, gamma, beta, moving_mean, moving_variance, hyper)
+        return self.conv(y, weight), mean, invstd
+
+    def recomputed(self, x, gamma, beta, mean, invstd, dout):
+        """relu(bn(x)) again, once the backward has reached the conv (MindSpore runs an op as soon as its inputs
+        exist)."""
+        return self.apply_op(ops.depend(x, dout), gamma, beta, mean, invstd)
+
+    def input_gradients(self, x, gamma, mean, invstd, y, dy):
+        """(dx, dgamma, dbeta, and zeros for the running statistics and the hyperparameters)."""
+        dx, dgamma, dbeta = self.backward_op(x, gamma, mean, invstd, y, dy)
+        return dx, dgamma, dbeta, ops.zeros_like(mean), ops.zeros_like(mean), ops.zeros((2,), mstype.float32)
+
+    def bprop(self, x, gamma, beta, moving_mean, moving_variance, hyper, weight, out, dout):
+        _, mean, invstd = out
+        y = self.recomputed(x, gamma, beta, mean, invstd, dout[0])
+        dy, weight_gradient = gradients(self.input_grad, self.weight_grad, self.stride, y, weight, dout[0])
+        return (*self.input_gradients(x, gamma, mean, invstd, y, dy), weight_gradient)
+
+
+class NormalizedInputOfTwo(NormalizedInput):
+    """NormalizedInput for two direct stride-1 convs of the same relu(bn(x)), each with its weight (RepLKBlock's
+    large and small kernels after pw1). Returns (both outputs, batch mean, batch invstd)."""
+
+    def __init__(self, isa):
+        super().__init__(isa, 1)
+
+    def construct(self, x, gamma, beta, moving_mean, moving_variance, hyper, weight_a, weight_b):
+        y, mean, invstd = self.forward_op(x, gamma, beta, moving_mean, moving_variance, hyper)
+        return self.conv(y, weight_a), self.conv(y, weight_b), mean, invstd
+
+    def bprop(self, x, gamma, beta, moving_mean, moving_variance, hyper, weight_a, weight_b, out, dout):
+        _, _, mean, invstd = out
+        y = self.recomputed(x, gamma, beta, mean, invstd, ops.depend(dout[0], dout[1]))
+        dy_a, weight_gradient_a = gradients(self.input_grad, self.weight_grad, 1, y, weight_a, dout[0])
+        dy_b, weight_gradient_b = gradients(self.input_grad, self.weight_grad, 1, y, weight_b, dout[1])
+        return (*self.input_gradients(x, gamma, mean, invstd, y, dy_a + dy_b), weight_gradient_a,
+                weight_gradient_b)
+
+
+def recomputes(norm, x, *convs):
+    """Whether depthwise convs of relu(norm(x)) run as a NormalizedInput: norm is a BatchNorm2d running its kernel
+    on x, and each conv a DepthwiseConv running the direct kernel at x's shape."""
+    recompute = isinstance(norm, batchnorm.BatchNorm2d) and norm.by_kernel(x)
+    for conv in convs:  # a loop, not all(...): MindSpore 2.8's jit does not resolve names in a generator
+        recompute = recompute and isinstance(conv, DepthwiseConv) and conv.normalized is not None
+        recompute = recompute and not conv.has_bias and conv.use_direct(x)
+    return recompute
 
 
 def native_depthwise_conv(channels, kernel_size, has_bias=False, stride=1):

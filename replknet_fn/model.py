@@ -33,6 +33,14 @@ def conv2d(in_channels, out_channels, kernel_size, stride=1, groups=1, has_bias=
                      padding=kernel_size // 2, group=groups, has_bias=has_bias)
 
 
+def conv_after_norm(conv, norm, x, activation=None):
+    """conv(activation(norm(x))): by the conv's own `after_norm` where it has one (Conv1x1, dwconv.DepthwiseConv),
+    which in training recomputes that input in the backward rather than keeping it."""
+    if isinstance(conv, (Conv1x1, dwconv.DepthwiseConv)):
+        return conv.after_norm(norm, x, activation)
+    return conv(batchnorm.normalize(norm, x, activation))
+
+
 class ConvBN(nn.Cell):
     """Official `conv_bn` / `conv_bn_relu`: conv (no bias) -> BN [-> ReLU]. Names: `conv`, `bn`."""
 
@@ -46,8 +54,8 @@ class ConvBN(nn.Cell):
         return self.norm_and_relu(self.conv(x))
 
     def after_norm(self, norm, x, activation=None):
-        """self(activation(norm(x))), that input recomputed in the backward rather than kept (Conv1x1.after_norm)."""
-        return self.norm_and_relu(self.conv.after_norm(norm, x, activation))
+        """self(activation(norm(x))), that input recomputed in the backward rather than kept (conv_after_norm)."""
+        return self.norm_and_relu(conv_after_norm(self.conv, norm, x, activation))
 
     def norm_and_relu(self, x):
         if self.relu and isinstance(self.bn, batchnorm.BatchNorm2d):  # not when AMP has wrapped it
@@ -143,12 +151,27 @@ class ReparamLargeKernelConv(nn.Cell):
                                  channels, relu=False)
         self.small_conv = (ConvBN(dwconv.depthwise_conv(channels, small_kernel_size, large_kernel_impl), channels,
                                   relu=False) if small_kernel_size is not None else None)
+        origin = self.lkb_origin.conv
+        self.normalized_pair = (dwconv.NormalizedInputOfTwo(origin.isa) if self.small_conv is not None
+                                and isinstance(origin, dwconv.DepthwiseConv) and origin.normalized is not None
+                                else None)
 
     def construct(self, x):
         out = self.lkb_origin(x)
         if self.small_conv is not None:
             out = out + self.small_conv(x)
         return out
+
+    def branches_after_norm(self, norm, x):
+        """(large kernel's conv, small kernel's conv) of relu(norm(x)), before their BNs; in training relu(norm(x))
+        is recomputed in the backward rather than kept (dwconv.NormalizedInputOfTwo)."""
+        large, small = self.lkb_origin.conv, self.small_conv.conv
+        if self.normalized_pair is not None and dwconv.recomputes(norm, x, large, small):
+            out = self.normalized_pair(x, norm.gamma, norm.beta, norm.moving_mean, norm.moving_variance, norm.hyper,
+                                       large.weight, small.weight)
+            return out[0], out[1]
+        y = batchnorm.normalize(norm, x, "relu")
+        return large(y), small(y)
 
 
 class RepLKBlock(nn.Cell):
@@ -167,22 +190,22 @@ class RepLKBlock(nn.Cell):
         self.drop_path = drop_path_or_identity(drop_path_rate, index)
 
     def construct(self, x):
-        out = self.pw1.after_norm(self.prelkb_bn, x)  # = self.pw1(self.prelkb_bn(x))
-        out = self.pw2_after_large_kernel(out)  # = self.pw2(self.lk_nonlinear(self.large_kernel(out)))
-        return x + self.drop_path(out)
-
-    def pw2_after_large_kernel(self, x):
-        """pw2(ReLU(large kernel(x))); in training the ReLU's output (pw2's input) is recomputed in the backward
-        from the two branches' conv outputs rather than kept (Conv1x1.after_two_norms)."""
         large_kernel = self.large_kernel
-        if not isinstance(large_kernel, ReparamLargeKernelConv) or not isinstance(self.pw2, ConvBN):  # deploy
-            return self.pw2(self.lk_nonlinear(large_kernel(x)))
+        if not isinstance(large_kernel, ReparamLargeKernelConv) or not isinstance(self.pw2, ConvBN):  # deploy forms
+            out = self.pw1(self.prelkb_bn(x))
+            out = self.pw2(self.lk_nonlinear(large_kernel(out)))
+            return x + self.drop_path(out)
+        # The same layers, grouped so that in training no normalized tensor is kept for the backward: each is
+        # recomputed there from the conv output before it (see conv_after_norm).
         origin, small = large_kernel.lkb_origin, large_kernel.small_conv
+        out = self.pw1.conv.after_norm(self.prelkb_bn, x)  # prelkb_bn, pw1's conv
         if small is None:
-            out = self.pw2.conv.after_norm(origin.bn, origin.conv(x), "relu")
+            out = conv_after_norm(origin.conv, self.pw1.bn, out, "relu")  # pw1's BN, ReLU, the large kernel
+            out = self.pw2.conv.after_norm(origin.bn, out, "relu")  # its BN, lk_nonlinear, pw2's conv
         else:
-            out = self.pw2.conv.after_two_norms(origin.bn, origin.conv(x), small.bn, small.conv(x))
-        return self.pw2.bn(out)
+            large, out = large_kernel.branches_after_norm(self.pw1.bn, out)  # pw1's BN, ReLU, both kernels
+            out = self.pw2.conv.after_two_norms(origin.bn, large, small.bn, out)  # their BNs, sum, ReLU, pw2's conv
+        return x + self.drop_path(self.pw2.bn(out))
 
 
 class GELU(nn.Cell):
@@ -273,16 +296,25 @@ class RepLKNet(nn.Cell):
         self.head = head
 
     def forward_stem(self, x):
-        """The stem's four layers; in training the second's ReLU output, the 1x1 conv's input, is recomputed in the
-        backward rather than kept (ConvBN.after_norm)."""
+        """The stem's four conv-BN-ReLU layers; in training each ReLU's output that a conv reads is recomputed in
+        the backward rather than kept (conv_after_norm)."""
         stem = self.stem
         if not isinstance(stem[1], ConvBN):  # the folded deploy form
             for layer in stem:
                 x = layer(x)
             return x
-        x = stem[1].conv(stem[0](x))
-        x = stem[2].after_norm(stem[1].bn, x, "relu")
-        return stem[3](x)
+        x = stem[0].conv(x)
+        x = conv_after_norm(stem[1].conv, stem[0].bn, x, "relu")
+        x = conv_after_norm(stem[2].conv, stem[1].bn, x, "relu")
+        return stem[3].after_norm(stem[2].bn, x, "relu")
+
+    def forward_transition(self, index, x):
+        """Transition `index`: a 1x1 conv-BN-ReLU, then a stride-2 3x3 depthwise conv-BN-ReLU reading the first's
+        ReLU output, recomputed in the backward in training (ConvBN.after_norm)."""
+        first, second = self.transitions[index][0], self.transitions[index][1]
+        if not isinstance(second, ConvBN):  # the folded deploy form
+            return second(first(x))
+        return second.after_norm(first.bn, first.conv(x), "relu")
 
     def forward_features(self, x):
         x = self.forward_stem(x)
@@ -290,7 +322,7 @@ class RepLKNet(nn.Cell):
         for stage_idx in range(num_stages):
             x = self.stages[stage_idx](x)
             if stage_idx < num_stages - 1:
-                x = self.transitions[stage_idx](x)
+                x = self.forward_transition(stage_idx, x)
         return x
 
     def forward_stage_outputs(self, x):
@@ -303,7 +335,7 @@ class RepLKNet(nn.Cell):
             if stage_idx in self.out_indices:
                 outs = outs + (self.stages[stage_idx].norm(x),)
             if stage_idx < num_stages - 1:
-                x = self.transitions[stage_idx](x)
+                x = self.forward_transition(stage_idx, x)
         return outs
 
     def construct(self, x):

@@ -12,7 +12,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from replknet_fn import dwconv, kernels
+from replknet_fn import dwconv, kernels, model
 
 from conftest import relative_error
 
@@ -561,3 +561,52 @@ def test_the_kernels_give_the_same_bits_on_one_thread_and_on_two(isa, shape):
         openmp.omp_set_num_threads(threads_before)
     for name, one, two in zip(["output", "input grad", "weight grad"], *results):
         assert np.array_equal(one, two), name
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("layout", ["stride1", "stride2", "pair"])
+def test_recomputing_the_relu_bn_input_of_direct_convs_changes_no_value(layout, jit):
+    """conv(relu(bn(x))) by the direct kernel with relu(bn(x)) recomputed in the backward (dwconv.NormalizedInput:
+    the stem's and transitions' 3x3 at stride 1 and 2; NormalizedInputOfTwo: RepLKBlock's two kernels of one
+    input) gives the output, the gradients of x, gamma, beta and the weights, and the running statistics of the
+    same kernels run one after another."""
+    rng = np.random.default_rng(7)
+    x = ms.Tensor((rng.standard_normal((2, 8, 9, 9)) * 2 + 1).astype(np.float32))
+    gamma, beta = rng.standard_normal(8).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    weights = [rng.standard_normal((8, 1, k, k)).astype(np.float32) for k in (7, 3)]
+    outputs = []
+    for recompute in (True, False):
+        norm = model.batch_norm(8)
+        norm.gamma.set_data(ms.Tensor(gamma))
+        norm.beta.set_data(ms.Tensor(beta))
+        norm.set_train(True)
+        if layout == "pair":
+            large_kernel = model.ReparamLargeKernelConv(8, 7, 3, "direct")
+            convs = [large_kernel.lkb_origin.conv, large_kernel.small_conv.conv]
+            if not recompute:
+                large_kernel.normalized_pair = None
+        else:
+            convs = [dwconv.depthwise_conv(8, 3, "direct", stride=1 if layout == "stride1" else 2)]
+            if not recompute:
+                convs[0].normalized = None
+        for index, (conv, weight) in enumerate(zip(convs, weights if layout == "pair" else weights[1:])):
+            conv.weight.set_data(ms.Tensor(weight))
+            conv.weight.name = f"weight{index}"  # jit needs unique names
+        if layout != "pair":
+            assert dwconv.recomputes(norm, x, *convs) == recompute
+
+        def loss(x):
+            if layout == "pair":
+                out = large_kernel.branches_after_norm(norm, x)
+                return (out[0] * out[1]).sum() + out[0].sum(), out[0]
+            out = convs[0].after_norm(norm, x, "relu")
+            return (out * out).sum(), out
+
+        value_and_grad = ms.value_and_grad(loss, 0, [norm.gamma, norm.beta, *(conv.weight for conv in convs)],
+                                           has_aux=True)
+        (_, out), (dx, parameter_gradients) = (ms.jit(value_and_grad) if jit else value_and_grad)(x)
+        outputs.append([value.asnumpy() for value in (out, dx, *parameter_gradients, norm.moving_mean,
+                                                      norm.moving_variance)])
+    assert np.abs(outputs[0][1]).max() > 0
+    for index, (got, expected) in enumerate(zip(*outputs)):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max(), err_msg=str(index))
