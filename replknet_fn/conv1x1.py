@@ -1,4 +1,5 @@
-"""1x1 convolutions (stride 1, one group, no bias) whose weight gradient is a batched matmul on CPU.
+"""1x1 convolutions (stride 1, one group, no bias) whose weight gradient is a batched matmul on CPU, and which
+recompute a normalized input in the backward rather than keep it.
 
 RepLKNet's 1x1 convs (the blocks' pw1/pw2, ConvFFN's expand and project, stem and transitions) hold most of its
 parameters. MindSpore's CPU Conv2D computes their weight gradient with oneDNN, and each such oneDNN primitive keeps
@@ -11,6 +12,14 @@ pool and are reused; the input gradient and the forward stay MindSpore's Conv2D 
 31B's training peak: 3.84 -> 3.75 GB, the step as fast (BENCHMARKS.md). Not the whole 0.52 GB: the same cell with
 MindSpore's own Conv2DBackpropFilter in its bprop peaks ~0.23 GB higher in MindSpore's pool than nn.Conv2d, so a
 cell with its own gradient costs that much by itself (why is not known).
+
+Normalized inputs. Most of these convs read a BN's output, or its ReLU or GELU: the blocks' pw1 after the pre-BN,
+ConvFFN's pw2 after BN and GELU (four times the channels), RepLKBlock's pw2 after its two branches' BNs, their sum
+and the ReLU, the stem's after BN and ReLU. Autodiff would keep that tensor for the weight gradient, though the
+BN's gradient keeps the BN's input anyway. `Conv1x1.after_norm` and `after_two_norms` run the BN(s), the activation
+and the conv as one cell (NormalizedInput, NormalizedSumInput) whose gradient recomputes the tensor from the BN's
+input and batch statistics, by batchnorm.cc's apply kernel (the forward's bits), once dout exists (dwconv.py does
+the same for depthwise convs). 31B at batch 4: 3.75 -> 3.17 GB with dwconv.py's part (Zen 3; BENCHMARKS.md).
 
 Parameters, their names and checkpoints are nn.Conv2d's. Other dtypes (AMP) and other devices use nn.Conv2d's
 own construct.

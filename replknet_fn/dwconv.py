@@ -18,6 +18,10 @@ width, kernel) (`decide`), in a child process, so that the ~30 small graphs the 
 in the training process's memory. Verdicts are kept on disk per machine and kernel build (`verdict_file`) and
 logged once per shape; construct reads them while it is traced. A shape nobody decided runs direct for K >= 3
 and native for K = 1 (`direct_when_undecided`).
+
+Where a direct conv reads relu(bn(x)) (the stem's and transitions' 3x3 after their conv-BN-ReLU, RepLKBlock's two
+kernels after pw1), `DepthwiseConv.after_norm` and `NormalizedInputOfTwo` recompute that input in the backward
+rather than keep it, as conv1x1.py does for 1x1 convs.
 """
 import contextlib
 import functools
