@@ -131,8 +131,8 @@ def batch_norm_kernel(norm, x):
 
 
 def activation_kind(activation):
-    """None, "relu", or "gelu" for the model's GELU cell where it runs its kernel (None where it keeps MindSpore's
-    ops: nothing then runs fused)."""
+    """None, "relu", or "gelu" for the model's GELU cell where it runs its kernel ("composed gelu" where it keeps
+    MindSpore's ops, which no NormalizedInput is built for: the layers then run one after another)."""
     if activation is None or isinstance(activation, str):
         return activation
     return "gelu" if activation.kernel is not None else "composed gelu"

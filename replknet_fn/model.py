@@ -25,8 +25,8 @@ def batch_norm(channels):
 
 def conv2d(in_channels, out_channels, kernel_size, stride=1, groups=1, has_bias=False, input_norm=None):
     """A conv with the official "same" padding (kernel_size // 2), bias-free like the official `conv_bn`; a 1x1
-    one's weight gradient by matmul, and `input_norm` ("bn", "bn_gelu": what the block feeds it) recomputed in the
-    backward (conv1x1.py)."""
+    one's weight gradient by matmul, and what `input_norm` says the block feeds it (conv1x1.INPUT_NORMS) recomputed
+    in the backward (conv1x1.py)."""
     if kernel_size == 1 and stride == 1 and groups == 1 and not has_bias:
         return Conv1x1(in_channels, out_channels, input_norm)
     return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",

@@ -76,10 +76,6 @@ class ConvBias(nn.Cell):
             x = self.relu(x)
         return x
 
-    def after_norm(self, norm, x):
-        """self(norm(x)): RepLKBlock calls its pw1 so (ConvBN.after_norm)."""
-        return self.construct(norm(x))
-
 
 def deploy_large_kernel(large_kernel, large_kernel_impl):
     kernel, bias = merge_large_kernel(large_kernel)

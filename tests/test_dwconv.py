@@ -191,6 +191,7 @@ def test_without_a_compiler_it_warns_once_and_runs_native(monkeypatch, tmp_path)
     monkeypatch.setenv("REPLKNET_FN_CACHE", str(tmp_path / "cache"))
     kernels.compiled_library.cache_clear()
     dwconv.direct_conv_op.cache_clear()
+    dwconv.gradient_ops.cache_clear()
     try:
         with pytest.warns(UserWarning, match="compiler"):
             conv = dwconv.depthwise_conv(2, 7, "direct")
@@ -201,6 +202,7 @@ def test_without_a_compiler_it_warns_once_and_runs_native(monkeypatch, tmp_path)
     finally:
         kernels.compiled_library.cache_clear()
         dwconv.direct_conv_op.cache_clear()
+        dwconv.gradient_ops.cache_clear()
 
 
 # --- auto: measured verdicts -------------------------------------------------------------------------------------

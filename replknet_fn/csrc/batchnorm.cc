@@ -7,7 +7,7 @@
 //       `_gelu`, y = gelu(y), the exact GELU of gelu.h (ConvFFN's conv-BN-GELU).
 //   batch_norm_apply     (x, gamma, beta, mean, invstd) -> y, the forward's y (and `_relu`, `_gelu`'s) again from the
 //       statistics it returned, with its arithmetic: the same bits. A training step that recomputes y in the
-//       backward need not keep it (conv1x1.NormalizedConv1x1: y is only the next 1x1 conv's weight gradient's).
+//       backward need not keep it (conv1x1.NormalizedInput, dwconv.NormalizedInput: y only feeds the next conv).
 //   batch_norm_backward  (x, gamma, mean, invstd, dy) -> (dx, dgamma, dbeta)
 //   batch_norm_relu_backward (x, gamma, mean, invstd, y, dy) -> (dx, dgamma, dbeta), dy masked by y > 0
 //   batch_norm_gelu_backward (x, gamma, beta, mean, invstd, dy) -> (dx, dgamma, dbeta), dy times GELU's slope at
