@@ -19,7 +19,7 @@ and the ReLU, the stem's after BN and ReLU. Autodiff would keep that tensor for 
 BN's gradient keeps the BN's input anyway. `Conv1x1.after_norm` and `after_two_norms` run the BN(s), the activation
 and the conv as one cell (NormalizedInput, NormalizedSumInput) whose gradient recomputes the tensor from the BN's
 input and batch statistics, by batchnorm.cc's apply kernel (the forward's bits), once dout exists (dwconv.py does
-the same for depthwise convs). 31B at batch 4: 3.75 -> 3.17 GB with dwconv.py's part (Zen 3; BENCHMARKS.md).
+the same for depthwise convs). 31B at batch 4: 3.75 -> 3.25 GB with dwconv.py's part (Zen 3; BENCHMARKS.md).
 
 Parameters, their names and checkpoints are nn.Conv2d's. Other dtypes (AMP) and other devices use nn.Conv2d's
 own construct.
