@@ -64,6 +64,14 @@ def backward_inputs(activation, x, gamma, beta, mean, invstd, y):
     return x, gamma, mean, invstd
 
 
+def training_gradients(backward, activation, x, gamma, beta, moving_mean, moving_variance, hyper, mean, invstd, y,
+                       dy):
+    """The training BN's gradients for its six inputs: the gradient kernel `backward`'s (dx, dgamma, dbeta), then
+    zeros for the running statistics and the hyperparameters."""
+    dx, dgamma, dbeta = backward(*backward_inputs(activation, x, gamma, beta, mean, invstd, y), dy)
+    return dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_variance), ops.zeros_like(hyper)
+
+
 def make_kernel_set(isa, activation):
     """The training BN kernels followed by `activation` (None, "relu" or "gelu") in the same pass; None without a
     library."""
@@ -77,9 +85,8 @@ def make_kernel_set(isa, activation):
 
     def bprop(x, gamma, beta, moving_mean, moving_variance, hyper, out, dout):
         y, mean, invstd = out
-        dx, dgamma, dbeta = backward(*backward_inputs(activation, x, gamma, beta, mean, invstd, y), dout[0])
-        return (dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_variance),
-                ops.zeros_like(hyper))
+        return training_gradients(backward, activation, x, gamma, beta, moving_mean, moving_variance, hyper, mean,
+                                  invstd, y, dout[0])
 
     return KernelSet(TrainForward(f"{path}:batch_norm_{suffix}forward", bprop), apply, backward)
 
@@ -162,3 +169,30 @@ def normalize(norm, x, activation=None):
     if not isinstance(norm, BatchNorm2d):
         return ops.relu(norm(x)) if relu else activation(norm(x))
     return norm.forward_relu(x) if relu else norm.forward_gelu(x, activation)
+
+
+def runs_kernel(norm, x):
+    """Whether `norm` is a BatchNorm2d running its training kernel on x (not one AMP has wrapped, not in eval)."""
+    return isinstance(norm, BatchNorm2d) and norm.by_kernel(x)
+
+
+class RecomputesItsOutput(nn.Cell):
+    """Base of the cells that run the training BN followed by `activation` and then convs reading its output y, and
+    recompute y in the backward rather than keep it (conv1x1.NormalizedInput and NormalizedSumInput,
+    dwconv.NormalizedInput): the kernels, y again, the BN's gradients."""
+
+    def __init__(self, activation, isa=None):
+        super().__init__()
+        # Separate attributes: jit reads a NamedTuple's fields by index only.
+        self.forward_op, self.apply_op, self.backward_op = kernel_sets(isa)[activation]
+        self.activation = activation
+
+    def recomputed(self, x, gamma, beta, mean, invstd, dout):
+        """y again from x and the batch statistics (the same bits), once the backward has reached the conv: MindSpore
+        runs an op as soon as its inputs exist, and a y recomputed in the forward would be kept all the same."""
+        return self.apply_op(ops.depend(x, dout), gamma, beta, mean, invstd)
+
+    def input_gradients(self, x, gamma, beta, moving_mean, moving_variance, hyper, mean, invstd, y, dy):
+        """The BN's gradients for its six inputs (`training_gradients`), dy being y's."""
+        return training_gradients(self.backward_op, self.activation, x, gamma, beta, moving_mean, moving_variance,
+                                  hyper, mean, invstd, y, dy)

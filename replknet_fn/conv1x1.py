@@ -30,9 +30,15 @@ from mindspore import nn, ops
 from replknet_fn import batchnorm, device
 
 
+def gradient_ops():
+    """(input-gradient op, weight-gradient op): MindSpore's Conv2DBackpropInput (its out_channel is unused on CPU)
+    and a batched matmul."""
+    return ops.Conv2DBackpropInput(out_channel=1, kernel_size=1), ops.BatchMatMul(transpose_b=True)
+
+
 def gradients(conv, x, weight, dout):
     """(dx, dweight) of conv2d(x, weight) for a 1x1 weight: dweight = sum_n dy[n] @ x[n]^T, dx by MindSpore's
-    Conv2DBackpropInput (`conv` holds the two ops)."""
+    Conv2DBackpropInput (`conv` holds the two ops of `gradient_ops`)."""
     batch, in_channels, height, width = x.shape
     out_channels = weight.shape[0]
     dy = dout.reshape(batch, out_channels, height * width)
@@ -50,8 +56,7 @@ class WeightGradientByMatmul(nn.Cell):
 
     def __init__(self):
         super().__init__()
-        self.input_gradient = ops.Conv2DBackpropInput(out_channel=1, kernel_size=1)  # out_channel: unused on CPU
-        self.batch_matmul = ops.BatchMatMul(transpose_b=True)
+        self.input_gradient, self.batch_matmul = gradient_ops()
 
     def construct(self, x, weight):
         return ops.conv2d(x, weight)
@@ -60,17 +65,15 @@ class WeightGradientByMatmul(nn.Cell):
         return gradients(self, x, weight, dout)
 
 
-class NormalizedInput(WeightGradientByMatmul):
+class NormalizedInput(batchnorm.RecomputesItsOutput):
     """conv2d(activation(bn(x)), weight) in training, bn by the batch statistics (batchnorm.py's kernels), whose
     gradient recomputes the normalized input y from x and the statistics instead of keeping it: the step keeps x
     (which BN's own gradient reads anyway) and two per-channel vectors, not y. Returns (conv output, batch mean,
     batch invstd)."""
 
-    def __init__(self, kernel_set, activation):
-        super().__init__()
-        # Separate attributes: jit reads a NamedTuple's fields by index only.
-        self.forward_op, self.apply_op, self.backward_op = kernel_set
-        self.activation = activation
+    def __init__(self, activation):
+        super().__init__(activation)
+        self.input_gradient, self.batch_matmul = gradient_ops()
 
     def construct(self, x, gamma, beta, moving_mean, moving_variance, hyper, weight):
         y, mean, invstd = self.forward_op(x, gamma, beta, moving_mean, moving_variance, hyper)
@@ -78,24 +81,19 @@ class NormalizedInput(WeightGradientByMatmul):
 
     def bprop(self, x, gamma, beta, moving_mean, moving_variance, hyper, weight, out, dout):
         _, mean, invstd = out
-        dout = dout[0]
-        x = ops.depend(x, dout)  # y is recomputed in the backward, not as soon as x exists (see `gradients`)
-        y = self.apply_op(x, gamma, beta, mean, invstd)
-        dy, weight_gradient = gradients(self, y, weight, dout)
-        dx, dgamma, dbeta = self.backward_op(
-            *batchnorm.backward_inputs(self.activation, x, gamma, beta, mean, invstd, y), dy)
-        return (dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_variance),
-                ops.zeros_like(hyper), weight_gradient)
+        y = self.recomputed(x, gamma, beta, mean, invstd, dout[0])
+        dy, weight_gradient = gradients(self, y, weight, dout[0])
+        return (*self.input_gradients(x, gamma, beta, moving_mean, moving_variance, hyper, mean, invstd, y, dy),
+                weight_gradient)
 
 
-class NormalizedSumInput(WeightGradientByMatmul):
+class NormalizedSumInput(NormalizedInput):
     """conv2d(relu(bn_a(a) + bn_b(b)), weight) in training (RepLKBlock's two depthwise branches, their BNs, the sum
     and the ReLU before pw2), the ReLU's output recomputed in the backward as NormalizedInput's input is. Returns
     (conv output, a's mean, a's invstd, b's mean, b's invstd)."""
 
-    def __init__(self, kernel_set):
-        super().__init__()
-        self.forward_op, self.apply_op, self.backward_op = kernel_set
+    def __init__(self):
+        super().__init__(None)
         self.relu = ops.ReLU()  # the primitive: ops.relu in a bprop fails to compile in MindSpore 2.8
 
     def construct(self, a, gamma_a, beta_a, moving_mean_a, moving_variance_a, hyper_a,
@@ -107,27 +105,21 @@ class NormalizedSumInput(WeightGradientByMatmul):
     def bprop(self, a, gamma_a, beta_a, moving_mean_a, moving_variance_a, hyper_a,
               b, gamma_b, beta_b, moving_mean_b, moving_variance_b, hyper_b, weight, out, dout):
         _, mean_a, invstd_a, mean_b, invstd_b = out
-        dout = dout[0]
-        a, b = ops.depend(a, dout), ops.depend(b, dout)
-        y = self.relu(self.apply_op(a, gamma_a, beta_a, mean_a, invstd_a)
-                      + self.apply_op(b, gamma_b, beta_b, mean_b, invstd_b))
-        dy, weight_gradient = gradients(self, y, weight, dout)
+        y_a = self.recomputed(a, gamma_a, beta_a, mean_a, invstd_a, dout[0])
+        y_b = self.recomputed(b, gamma_b, beta_b, mean_b, invstd_b, dout[0])
+        y = self.relu(y_a + y_b)
+        dy, weight_gradient = gradients(self, y, weight, dout[0])
         dy = dy * (y > 0).astype(dy.dtype)
-        da, dgamma_a, dbeta_a = self.backward_op(a, gamma_a, mean_a, invstd_a, dy)
-        db, dgamma_b, dbeta_b = self.backward_op(b, gamma_b, mean_b, invstd_b, dy)
-        return (da, dgamma_a, dbeta_a, ops.zeros_like(moving_mean_a), ops.zeros_like(moving_variance_a),
-                ops.zeros_like(hyper_a), db, dgamma_b, dbeta_b, ops.zeros_like(moving_mean_b),
-                ops.zeros_like(moving_variance_b), ops.zeros_like(hyper_b), weight_gradient)
+        return (*self.input_gradients(a, gamma_a, beta_a, moving_mean_a, moving_variance_a, hyper_a, mean_a,
+                                      invstd_a, y_a, dy),
+                *self.input_gradients(b, gamma_b, beta_b, moving_mean_b, moving_variance_b, hyper_b, mean_b,
+                                      invstd_b, y_b, dy),
+                weight_gradient)
 
 
 # What a Conv1x1's `input_norm` says the model feeds it: a BN's output, BN then ReLU or GELU, or the ReLU of two
 # BNs' sum.
 INPUT_NORMS = (None, "bn", "bn_relu", "bn_gelu", "two_bn_relu")
-
-
-def batch_norm_kernel(norm, x):
-    """Whether `norm` is a batchnorm.BatchNorm2d running its kernel on x (not one AMP has wrapped, not eval)."""
-    return isinstance(norm, batchnorm.BatchNorm2d) and norm.by_kernel(x)
 
 
 def activation_kind(activation):
@@ -152,13 +144,13 @@ class Conv1x1(nn.Conv2d):
             raise ValueError(f"input_norm {input_norm!r}: choose one of {list(INPUT_NORMS)}")
         on_cpu = device.current_target() == "CPU"
         self.by_matmul = WeightGradientByMatmul() if on_cpu else None
-        sets = batchnorm.kernel_sets() if on_cpu and input_norm is not None and device.cpu_kernels_enabled() else None
+        recomputes = (on_cpu and input_norm is not None and device.cpu_kernels_enabled()
+                      and batchnorm.kernel_sets() is not None)
         self.normalized = self.normalized_sum = None
-        if sets is not None and input_norm == "two_bn_relu":
-            self.normalized_sum = NormalizedSumInput(sets[None])
-        elif sets is not None:
-            activation = {"bn": None, "bn_relu": "relu", "bn_gelu": "gelu"}[input_norm]
-            self.normalized = NormalizedInput(sets[activation], activation)
+        if recomputes and input_norm == "two_bn_relu":
+            self.normalized_sum = NormalizedSumInput()
+        elif recomputes:
+            self.normalized = NormalizedInput({"bn": None, "bn_relu": "relu", "bn_gelu": "gelu"}[input_norm])
 
     def by_kernels(self, x):
         return self.by_matmul is not None and x.dtype == ms.float32 and self.weight.dtype == ms.float32
@@ -178,8 +170,8 @@ class Conv1x1(nn.Conv2d):
 
     def after_two_norms(self, norm_a, a, norm_b, b):
         """self(relu(norm_a(a) + norm_b(b))) (see the class docstring)."""
-        if (self.normalized_sum is not None and self.by_kernels(a) and batch_norm_kernel(norm_a, a)
-                and batch_norm_kernel(norm_b, b)):
+        if (self.normalized_sum is not None and self.by_kernels(a) and batchnorm.runs_kernel(norm_a, a)
+                and batchnorm.runs_kernel(norm_b, b)):
             return self.normalized_sum(a, norm_a.gamma, norm_a.beta, norm_a.moving_mean, norm_a.moving_variance,
                                        norm_a.hyper, b, norm_b.gamma, norm_b.beta, norm_b.moving_mean,
                                        norm_b.moving_variance, norm_b.hyper, self.weight)[0]
@@ -188,5 +180,5 @@ class Conv1x1(nn.Conv2d):
     def recomputes(self, norm, x, activation):
         """Whether `after_norm` runs NormalizedInput: built for this input, in float32 training with the BN and
         GELU kernels."""
-        return (self.normalized is not None and self.by_kernels(x) and batch_norm_kernel(norm, x)
+        return (self.normalized is not None and self.by_kernels(x) and batchnorm.runs_kernel(norm, x)
                 and activation_kind(activation) == self.normalized.activation)

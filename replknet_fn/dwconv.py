@@ -525,14 +525,13 @@ class DepthwiseConv(nn.Conv2d):
         return out
 
 
-class NormalizedInput(nn.Cell):
+class NormalizedInput(batchnorm.RecomputesItsOutput):
     """The direct kernel's depthwise conv of relu(bn(x)) in training (the stem's and the transitions' 3x3 after
     their conv-BN-ReLU), whose gradient recomputes relu(bn(x)) from x and the batch statistics rather than keeping
     it, as conv1x1.NormalizedInput does. Returns (conv output, batch mean, batch invstd)."""
 
     def __init__(self, isa, stride):
-        super().__init__()
-        self.forward_op, self.apply_op, self.backward_op = batchnorm.kernel_sets(isa)["relu"]
+        super().__init__("relu", isa)
         self.conv = (direct_conv_op if stride == 1 else direct_stride2_conv_op)(isa)
         self.input_grad, self.weight_grad = gradient_ops(isa, stride)
         self.stride = stride
@@ -541,21 +540,12 @@ class NormalizedInput(nn.Cell):
         y, mean, invstd = self.forward_op(x, gamma, beta, moving_mean, moving_variance, hyper)
         return self.conv(y, weight), mean, invstd
 
-    def recomputed(self, x, gamma, beta, mean, invstd, dout):
-        """relu(bn(x)) again, once the backward has reached the conv (MindSpore runs an op as soon as its inputs
-        exist)."""
-        return self.apply_op(ops.depend(x, dout), gamma, beta, mean, invstd)
-
-    def input_gradients(self, x, gamma, mean, invstd, y, dy):
-        """(dx, dgamma, dbeta, and zeros for the running statistics and the hyperparameters)."""
-        dx, dgamma, dbeta = self.backward_op(x, gamma, mean, invstd, y, dy)
-        return dx, dgamma, dbeta, ops.zeros_like(mean), ops.zeros_like(mean), ops.zeros((2,), mstype.float32)
-
     def bprop(self, x, gamma, beta, moving_mean, moving_variance, hyper, weight, out, dout):
         _, mean, invstd = out
         y = self.recomputed(x, gamma, beta, mean, invstd, dout[0])
         dy, weight_gradient = gradients(self.input_grad, self.weight_grad, self.stride, y, weight, dout[0])
-        return (*self.input_gradients(x, gamma, mean, invstd, y, dy), weight_gradient)
+        return (*self.input_gradients(x, gamma, beta, moving_mean, moving_variance, hyper, mean, invstd, y, dy),
+                weight_gradient)
 
 
 class NormalizedInputOfTwo(NormalizedInput):
@@ -574,14 +564,14 @@ class NormalizedInputOfTwo(NormalizedInput):
         y = self.recomputed(x, gamma, beta, mean, invstd, ops.depend(dout[0], dout[1]))
         dy_a, weight_gradient_a = gradients(self.input_grad, self.weight_grad, 1, y, weight_a, dout[0])
         dy_b, weight_gradient_b = gradients(self.input_grad, self.weight_grad, 1, y, weight_b, dout[1])
-        return (*self.input_gradients(x, gamma, mean, invstd, y, dy_a + dy_b), weight_gradient_a,
-                weight_gradient_b)
+        return (*self.input_gradients(x, gamma, beta, moving_mean, moving_variance, hyper, mean, invstd, y,
+                                      dy_a + dy_b), weight_gradient_a, weight_gradient_b)
 
 
 def recomputes(norm, x, *convs):
     """Whether depthwise convs of relu(norm(x)) run as a NormalizedInput: norm is a BatchNorm2d running its kernel
     on x, and each conv a DepthwiseConv running the direct kernel at x's shape."""
-    recompute = isinstance(norm, batchnorm.BatchNorm2d) and norm.by_kernel(x)
+    recompute = batchnorm.runs_kernel(norm, x)
     for conv in convs:  # a loop, not all(...): MindSpore 2.8's jit does not resolve names in a generator
         recompute = recompute and isinstance(conv, DepthwiseConv) and conv.normalized is not None
         recompute = recompute and not conv.has_bias and conv.use_direct(x)
