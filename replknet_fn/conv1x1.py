@@ -158,14 +158,18 @@ class Conv1x1(nn.Conv2d):
     def construct(self, x):
         if not self.by_kernels(x):
             return super().construct(x)
-        return self.by_matmul(x, self.weight)
+        # The weight's value, not the Parameter, into every cell with its own bprop: one handed the Parameter loads
+        # it again in its bprop, and MindSpore copies (TensorMove) each load of a parameter that a graph loads twice
+        # -- every conv weight of the step, ~265 MB of 31B's peak (BENCHMARKS.md). AdamW, the weights' only writer,
+        # runs after every reader (it takes their gradients).
+        return self.by_matmul(x, self.weight.value())
 
     def after_norm(self, norm, x, activation=None):
         """self(activation(norm(x))) for `activation` None, "relu" or the model's GELU cell (see the class
         docstring)."""
         if self.recomputes(norm, x, activation):
             return self.normalized(x, norm.gamma, norm.beta, norm.moving_mean, norm.moving_variance, norm.hyper,
-                                   self.weight)[0]
+                                   self.weight.value())[0]
         return self.construct(batchnorm.normalize(norm, x, activation))
 
     def after_two_norms(self, norm_a, a, norm_b, b):
@@ -174,7 +178,7 @@ class Conv1x1(nn.Conv2d):
                 and batchnorm.runs_kernel(norm_b, b)):
             return self.normalized_sum(a, norm_a.gamma, norm_a.beta, norm_a.moving_mean, norm_a.moving_variance,
                                        norm_a.hyper, b, norm_b.gamma, norm_b.beta, norm_b.moving_mean,
-                                       norm_b.moving_variance, norm_b.hyper, self.weight)[0]
+                                       norm_b.moving_variance, norm_b.hyper, self.weight.value())[0]
         return self.construct(ops.relu(norm_a(a) + norm_b(b)))
 
     def recomputes(self, norm, x, activation):

@@ -512,7 +512,7 @@ class DepthwiseConv(nn.Conv2d):
         recomputed in the backward rather than kept (NormalizedInput)."""
         if isinstance(activation, str) and recomputes(norm, x, self):
             return self.normalized(x, norm.gamma, norm.beta, norm.moving_mean, norm.moving_variance, norm.hyper,
-                                   self.weight)[0]
+                                   self.weight.value())[0]  # .value(): see conv1x1.Conv1x1.construct
         return self.construct(batchnorm.normalize(norm, x, activation))
 
     def construct(self, x):

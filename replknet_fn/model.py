@@ -168,7 +168,7 @@ class ReparamLargeKernelConv(nn.Cell):
         large, small = self.lkb_origin.conv, self.small_conv.conv
         if self.normalized_pair is not None and dwconv.recomputes(norm, x, large, small):
             out = self.normalized_pair(x, norm.gamma, norm.beta, norm.moving_mean, norm.moving_variance, norm.hyper,
-                                       large.weight, small.weight)
+                                       large.weight.value(), small.weight.value())  # see Conv1x1.construct
             return out[0], out[1]
         y = batchnorm.normalize(norm, x, "relu")
         return large(y), small(y)

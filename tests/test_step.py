@@ -1,5 +1,6 @@
 """The train step: loss scaling, skipping, clipping, accumulation, optimizers, eager == jit."""
 import math
+import re
 
 import mindspore as ms
 import numpy as np
@@ -313,3 +314,28 @@ def test_gradient_ops_by_kernel_equal_mindspores_ops(monkeypatch, limit):
         np.testing.assert_array_equal(ours.asnumpy(), expected.asnumpy())
     np.testing.assert_allclose(ms.jit(sum_of_squares)(grads).asnumpy(),
                                step.sum_of_squares_each(grads).asnumpy(), rtol=1e-6)
+
+
+
+@pytest.mark.parametrize("large_kernel_impl", ["auto", "direct"])
+def test_the_compiled_step_copies_no_weight(tmp_path, large_kernel_impl):
+    """MindSpore's order enforcement copies (TensorMove) every load of a parameter that one graph loads twice; a
+    cell with its own bprop handed the Parameter loads it again in its bprop. The step's graph must read each conv
+    weight where it lies: a copy per weight was ~265 MB of 31B's peak. The loss scale (a scalar) may be copied."""
+    config = tiny_config(jit=True)
+    ms.set_seed(0)
+    net = build_replknet([5, 3], [1, 1], [8, 16], small_kernel=3, num_classes=4, large_kernel_impl=large_kernel_impl)
+    net.set_train(True)
+    step = make_train_step(TrainState(net, create_optimizer(net, config), create_loss_scale(config), None), config)
+    ms.set_context(save_graphs=1, save_graphs_path=str(tmp_path))
+    try:
+        step(*batch(), LR)
+    finally:
+        ms.set_context(save_graphs=0)
+    [final_graph] = tmp_path.glob("**/*_validate_*.ir")
+    text = final_graph.read_text()
+    defined = dict(re.findall(r"^\s+(%\d+)\(\S+\) = (.*)$", text, re.MULTILINE))
+    moved = [defined.get(source, source) for source in re.findall(r"= TensorMove\((%\d+)\)", text)]
+    weights = [source for source in moved if re.search(r"Load\(%para\d+_\S*weight", source)]
+    assert not weights, f"{len(weights)} conv weights copied, e.g. {weights[0][:120]}"
+    assert len(moved) <= 2
