@@ -160,7 +160,7 @@ class Conv1x1(nn.Conv2d):
             return super().construct(x)
         # The weight's value, not the Parameter, into every cell with its own bprop: one handed the Parameter loads
         # it again in its bprop, and MindSpore copies (TensorMove) each load of a parameter that a graph loads twice
-        # -- every conv weight of the step, ~265 MB of 31B's peak (BENCHMARKS.md). AdamW, the weights' only writer,
+        # -- every conv weight of the step, ~0.27 GB of 31B's peak (BENCHMARKS.md). AdamW, the weights' only writer,
         # runs after every reader (it takes their gradients).
         return self.by_matmul(x, self.weight.value())
 

@@ -316,12 +316,11 @@ def test_gradient_ops_by_kernel_equal_mindspores_ops(monkeypatch, limit):
                                step.sum_of_squares_each(grads).asnumpy(), rtol=1e-6)
 
 
-
 @pytest.mark.parametrize("large_kernel_impl", ["auto", "direct"])
 def test_the_compiled_step_copies_no_weight(tmp_path, large_kernel_impl):
     """MindSpore's order enforcement copies (TensorMove) every load of a parameter that one graph loads twice; a
     cell with its own bprop handed the Parameter loads it again in its bprop. The step's graph must read each conv
-    weight where it lies: a copy per weight was ~265 MB of 31B's peak. The loss scale (a scalar) may be copied."""
+    weight where it lies: a copy per weight was ~0.27 GB of 31B's peak. The loss scale (a scalar) may be copied."""
     config = tiny_config(jit=True)
     ms.set_seed(0)
     net = build_replknet([5, 3], [1, 1], [8, 16], small_kernel=3, num_classes=4, large_kernel_impl=large_kernel_impl)
