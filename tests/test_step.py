@@ -22,9 +22,9 @@ def tiny_config(**overrides):
     return config
 
 
-def tiny_state(config, seed=0, ema=False):
+def tiny_state(config, seed=0, ema=False, large_kernel_impl="auto"):
     ms.set_seed(seed)
-    net = build_replknet([5, 3], [1, 1], [8, 16], small_kernel=3, num_classes=4)
+    net = build_replknet([5, 3], [1, 1], [8, 16], small_kernel=3, num_classes=4, large_kernel_impl=large_kernel_impl)
     net.set_train(True)
     return TrainState(net, create_optimizer(net, config), create_loss_scale(config),
                       EMA(net, 0.9) if ema else None)
@@ -322,10 +322,7 @@ def test_the_compiled_step_copies_no_weight(tmp_path, large_kernel_impl):
     cell with its own bprop handed the Parameter loads it again in its bprop. The step's graph must read each conv
     weight where it lies: a copy per weight was ~0.27 GB of 31B's peak. The loss scale (a scalar) may be copied."""
     config = tiny_config(jit=True)
-    ms.set_seed(0)
-    net = build_replknet([5, 3], [1, 1], [8, 16], small_kernel=3, num_classes=4, large_kernel_impl=large_kernel_impl)
-    net.set_train(True)
-    step = make_train_step(TrainState(net, create_optimizer(net, config), create_loss_scale(config), None), config)
+    step = make_train_step(tiny_state(config, large_kernel_impl=large_kernel_impl), config)
     ms.set_context(save_graphs=1, save_graphs_path=str(tmp_path))
     try:
         step(*batch(), LR)
